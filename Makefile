@@ -1,0 +1,37 @@
+# Two commands do all the set-up (see README.md): `make run` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+PARAMS ?= params/default.yaml
+NAME   ?=
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run test lint lab strip clean
+
+# torch==2.13.0 first: a local CPU wheel satisfies it; an unpinned torch pulls GBs of CUDA packages.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/aletheia run --params $(PARAMS) $(if $(NAME),--run-name $(NAME))
+
+test: setup lint
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check .
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+strip: setup
+	$(BIN)/nbstripout notebooks/*.ipynb
+
+clean:
+	rm -rf $(VENV) runs

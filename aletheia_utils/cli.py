@@ -1,0 +1,54 @@
+"""The `aletheia` command: `aletheia run` executes the notebooks with papermill."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import config, pipeline
+
+
+def _run(args) -> int:
+    overrides = config.parse_overrides(args.set)
+    if args.run_name:
+        overrides["run.name"] = args.run_name
+    cfg = config.load(args.params, overrides)
+    try:
+        pipeline.run(cfg, start=args.from_stage, stop=args.to_stage, force=args.force,
+                     notebooks=Path(args.notebooks), log_output=args.log_output)
+    except pipeline.StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(f"the partly executed notebook is in {pipeline.RunPaths.for_run(cfg).root / 'notebooks'}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aletheia", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute the notebooks 01_curate … 08_evaluate with papermill")
+    run.add_argument("--params", required=True, help="YAML params file, e.g. params/default.yaml")
+    run.add_argument("--run-name", help="folder name under run.runs_dir (default: run.name)")
+    run.add_argument("--from", dest="from_stage", help="first stage (e.g. 02_sft, 02 or sft)")
+    run.add_argument("--to", dest="to_stage", help="last stage")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param, e.g. sft.max_steps=5")
+    run.add_argument("--force", action="store_true", help="rerun stages already complete for these params")
+    run.add_argument("--notebooks", default=str(pipeline.NOTEBOOKS_DIR), help=argparse.SUPPRESS)
+    run.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
+    run.set_defaults(func=_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (config.ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The runner end to end on params/smoke.yaml, through the `aletheia` command."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from aletheia_utils.pipeline import STAGES
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "params" / "smoke.yaml"
+
+
+def aletheia(*args):
+    return subprocess.run([sys.executable, "-m", "aletheia_utils.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    proc = aletheia("run", "--params", str(SMOKE), "--run-name", "smoke-test", "--set", f"run.runs_dir={runs}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return runs / "smoke-test", proc
+
+
+@pytest.mark.slow
+def test_smoke_run_executes_every_stage(smoke_run):
+    run_dir, proc = smoke_run
+    assert [p.stem for p in sorted((run_dir / "notebooks").glob("*.ipynb"))] == list(STAGES)
+    assert [p.stem for p in sorted((run_dir / "html").glob("*.html"))] == list(STAGES)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [manifest["stages"][s]["status"] for s in STAGES] == ["complete"] * len(STAGES)
+    assert manifest["versions"]["torch"].startswith("2.13") and len(manifest["params_hash"]) == 16
+    for s in STAGES:
+        assert json.loads((run_dir / "metrics" / f"{s}.json").read_text())["stage"] == s
+    assert "[1/8] 01_curate: running" in proc.stdout and "[8/8] 08_evaluate: done" in proc.stdout
+
+
+@pytest.mark.slow
+def test_rerun_skips_complete_stages_unless_forced(smoke_run):
+    run_dir, _ = smoke_run
+    runs = str(run_dir.parent)
+    again = aletheia("run", "--params", str(SMOKE), "--run-name", "smoke-test", "--set", f"run.runs_dir={runs}")
+    assert again.returncode == 0 and again.stdout.count("skipped") == len(STAGES), again.stdout
+    forced = aletheia("run", "--params", str(SMOKE), "--run-name", "smoke-test", "--set", f"run.runs_dir={runs}",
+                      "--from", "08", "--force")
+    assert forced.returncode == 0 and "[1/1] 08_evaluate: done" in forced.stdout, forced.stdout + forced.stderr
+
+
+@pytest.mark.slow
+def test_failing_stage_stops_the_run_and_keeps_its_notebook(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    shutil.copytree(ROOT / "notebooks", notebooks)
+    book = nbformat.read(notebooks / "02_sft.ipynb", as_version=4)
+    book.cells.insert(-1, nbformat.v4.new_code_cell('raise RuntimeError("loss is nan")'))
+    nbformat.write(book, notebooks / "02_sft.ipynb")
+    proc = aletheia("run", "--params", str(SMOKE), "--run-name", "fails", "--set", f"run.runs_dir={tmp_path}",
+                    "--to", "03", "--notebooks", str(notebooks))
+    assert proc.returncode == 1
+    assert "error: 02_sft failed in cell" in proc.stderr and "RuntimeError: loss is nan" in proc.stderr
+    manifest = json.loads((tmp_path / "fails" / "manifest.json").read_text())
+    assert manifest["stages"]["01_curate"]["status"] == "complete"
+    assert manifest["stages"]["02_sft"]["status"] == "failed"
+    assert "03_dpo" not in manifest["stages"]
+    partial = nbformat.read(tmp_path / "fails" / "notebooks" / "02_sft.ipynb", as_version=4)
+    assert any(o.get("ename") == "RuntimeError" for c in partial.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_bad_params_give_one_line_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SMOKE.read_text().replace("max_steps: 3", "max_stepz: 3"))
+    proc = aletheia("run", "--params", str(bad))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {bad}: sft.max_stepz: unknown key"
+
+
+def test_unknown_stage_and_bad_override(tmp_path):
+    proc = aletheia("run", "--params", str(SMOKE), "--from", "09_deploy", "--set", f"run.runs_dir={tmp_path}")
+    assert proc.returncode == 2 and "unknown stage '09_deploy'" in proc.stderr
+    proc = aletheia("run", "--params", str(SMOKE), "--set", "sft.lora.r=-3")
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("sft.lora.r: Input should be greater than or "
+                                                                 "equal to 1 (got -3)")
