@@ -1,6 +1,16 @@
-"""Aletheia's helper package: the plumbing behind the eight notebooks (see DESIGN.md)."""
+"""Aletheia's helper package: the plumbing behind the eight notebooks (see DESIGN.md).
 
-from . import config, curate, models, pipeline, plots
+Submodules load on first use (`au.sft`, `au.curate` …), so the `aletheia` command starts without
+importing the training stack.
+"""
 
-__all__ = ["config", "curate", "models", "pipeline", "plots"]
+import importlib
+
+__all__ = ["config", "curate", "dpo", "models", "pipeline", "plots", "sft"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

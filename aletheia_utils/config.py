@@ -117,6 +117,7 @@ class Train(Section):
     save_total_limit: int = Field(2, ge=1)
     precision: Precision = "auto"
     gradient_checkpointing: bool = False
+    overlong: Literal["drop", "truncate", "fail"] = Field("drop", description="examples over max_seq_length")
 
     @field_validator("max_steps")
     @classmethod
@@ -137,7 +138,7 @@ class SFT(Train):
 
 class DPO(Train):
     beta: float = Field(0.1, gt=0)
-    max_prompt_length: int = Field(256, ge=8)
+    eval_steps: int = Field(50, ge=1)
 
 
 class Merge(Section):

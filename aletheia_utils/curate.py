@@ -285,6 +285,9 @@ class PiiScrubber:
                      "::1/128", "::/128", "::ffff:0:0/96", "fe80::/10", "fc00::/7",
                      "1.1.1.1/32", "1.0.0.1/32", "8.8.8.8/32", "8.8.4.4/32", "9.9.9.9/32")
     _PHONE_SHAPE = re.compile(r"^\+?[\d().\s-]+$")
+    # cheap gates: a recognizer runs only where its entity could be (phone numbers need separators)
+    _HINTS = {"PHONE_NUMBER": re.compile(r"\d{2,}[\s.)-]+\d{3,}"),
+              "API_KEY": re.compile(r"sk-|AKIA|ASIA|gh[pousr]_|xox|(?i:key|secret|token|password)|[A-Za-z0-9/+]{40}")}
 
     def __init__(self, min_score: float = 0.3):
         import ipaddress
@@ -329,6 +332,9 @@ class PiiScrubber:
     def find(self, text: str):
         found = []
         for rec in self.recognizers:
+            hint = self._HINTS.get(rec.supported_entities[0])
+            if hint and not hint.search(text):
+                continue
             for res in rec.analyze(text, entities=rec.supported_entities, nlp_artifacts=None):
                 if res.score < self.min_score:
                     continue
@@ -541,6 +547,16 @@ def dpo_pairs(rows: list[dict], rejected: list[tuple[str, str]]) -> list[dict]:
             for r, (text, how) in zip(rows, rejected, strict=True) if text.strip() and text.strip() != r["answer"]]
 
 
+def preference_pairs(rows: list[dict], source: str, base_model: str, max_tokens: int, seed: int) -> list[dict]:
+    """DPO pairs for `rows`: the curated answer is chosen; rejected is the base model's own answer
+    (`source="base_model"`) or a degraded copy of the curated one (`"degraded"`)."""
+    if source == "base_model":
+        answers = base_model_answers([r["question"] for r in rows], base_model, max_tokens, seed)
+        return dpo_pairs(rows, [(a, "base_model") for a in answers])
+    rng = random.Random(seed)
+    return dpo_pairs(rows, [degrade(r["answer"], r["topic"], rng) for r in rows])
+
+
 # ---------------------------------------------------------------- files
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
@@ -614,3 +630,80 @@ def data_card(*, files: list[Path], funnel: Funnel, pii: Counter, splits: dict[s
         n = sum(1 for _ in open(path, encoding="utf-8"))
         lines.append(f"| `{name}` | {n} | `{sha256(path)[:16]}…` |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- streaming at scale
+
+_WORKER_SCRUBBER: dict[float, PiiScrubber] = {}
+
+
+def _stream_rows(files: list[str]):
+    for path in files:
+        for _, row, _, probs in read_jsonl(path, "raw"):
+            if row is None:
+                yield {**dict.fromkeys(KINDS["raw"], ""), "problem": "; ".join(str(p) for p in probs)}
+            else:
+                yield {**{k: row[k] for k in KINDS["raw"]}, "problem": ""}
+
+
+def _clean_batch(batch: dict, *, tokenizer, min_tokens: int, max_tokens: int, repeat_overlap_max: float,
+                 boilerplate: list[str], pii_min_score: float) -> dict:
+    """The per-row steps of the notebook (normalize, rule filters, PII) on one `datasets` batch."""
+    scrubber = _WORKER_SCRUBBER.get(pii_min_score) or _WORKER_SCRUBBER.setdefault(
+        pii_min_score, PiiScrubber(pii_min_score))
+    patterns = [re.compile(p, re.M) for p in boilerplate]
+    questions = [normalize_text(q) for q in batch["question"]]
+    answers = [normalize_text(a) for a in batch["answer"]]
+    lengths = token_lengths(answers, tokenizer)
+    out = {"question": [], "answer": [], "answer_tokens": lengths, "reason": [], "pii": [], "hash": []}
+    for q, a, n in zip(questions, answers, lengths, strict=True):
+        if any(p.search(a) for p in patterns):
+            reason = "boilerplate"
+        elif repeat_overlap(q, a) >= repeat_overlap_max:
+            reason = "repeats_question"
+        elif n < min_tokens:
+            reason = "too_short"
+        elif n > max_tokens:
+            reason = "too_long"
+        else:
+            reason = ""
+        pii = 0
+        if not reason:
+            (q, cq), (a, ca) = scrubber.scrub(q), scrubber.scrub(a)
+            pii = sum((cq + ca).values())
+        out["question"].append(q)
+        out["answer"].append(a)
+        out["reason"].append(reason)
+        out["pii"].append(pii)
+        out["hash"].append(_hash(q + "\n" + a))
+    return out
+
+
+def stream_curate(files: list[str | Path], out_path: Path, *, tokenizer, min_tokens: int, max_tokens: int,
+                  repeat_overlap_max: float, boilerplate: list[str], pii_min_score: float = 0.3,
+                  num_proc: int = 1, cache_dir: str | None = None) -> dict:
+    """The per-row curation steps over files larger than memory: rows stream from disk into an Arrow cache,
+    `datasets.map(num_proc=…)` runs the same functions as the notebook in parallel, exact duplicates go by
+    hash, and the result streams to `out_path`. Returns the counts per step."""
+    from datasets import Dataset
+
+    ds = Dataset.from_generator(_stream_rows, gen_kwargs={"files": [str(f) for f in files]}, cache_dir=cache_dir)
+    counts = {"rows_in": len(ds)}
+    ds = ds.filter(lambda b: [p == "" for p in b["problem"]], batched=True, num_proc=num_proc)
+    counts["invalid rows"] = counts["rows_in"] - len(ds)
+    ds = ds.map(_clean_batch, batched=True, batch_size=500, num_proc=num_proc, remove_columns=["problem"],
+                fn_kwargs={"tokenizer": tokenizer, "min_tokens": min_tokens, "max_tokens": max_tokens,
+                           "repeat_overlap_max": repeat_overlap_max, "boilerplate": boilerplate,
+                           "pii_min_score": pii_min_score})
+    counts |= Counter(r for r in ds["reason"] if r)
+    ds = ds.filter(lambda b: [r == "" for r in b["reason"]], batched=True, num_proc=num_proc)
+    seen: set[str] = set()
+    first = [i for i, h in enumerate(ds["hash"]) if not (h in seen or seen.add(h))]
+    counts["exact_duplicate"] = len(ds) - len(first)
+    counts["pii_spans"] = sum(ds["pii"])
+    ds = ds.select(first).remove_columns(["reason", "hash", "pii"])
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    ds.to_json(str(tmp), lines=True, force_ascii=False)
+    tmp.replace(out_path)
+    counts["rows_out"] = len(ds)
+    return counts

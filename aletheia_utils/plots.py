@@ -82,3 +82,25 @@ def bars(values: Mapping[str, float], title: str, ylabel: str):
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     return fig
+
+
+def training_curves(records: Sequence[Mapping], panels: Mapping[str, Sequence[str]]):
+    """One panel per entry of `panels` (title -> metric keys), each key a line over `step`.
+    `records` are the lines of a stage's `metrics.jsonl`."""
+    n = len(panels)
+    cols = min(n, 2)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3 * rows), layout="constrained", squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels.items(), strict=False):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return fig

@@ -75,24 +75,23 @@ def test_rerun_skips_complete_stages_unless_forced(smoke_run):
 def test_failing_stage_stops_the_run_and_keeps_its_notebook(tmp_path):
     notebooks = tmp_path / "notebooks"
     shutil.copytree(ROOT / "notebooks", notebooks)
-    book = nbformat.read(notebooks / "02_sft.ipynb", as_version=4)
-    book.cells.insert(-1, nbformat.v4.new_code_cell('raise RuntimeError("loss is nan")'))
-    nbformat.write(book, notebooks / "02_sft.ipynb")
+    book = nbformat.read(notebooks / "01_curate.ipynb", as_version=4)
+    book.cells.insert(7, nbformat.v4.new_code_cell('raise RuntimeError("loss is nan")'))
+    nbformat.write(book, notebooks / "01_curate.ipynb")
     proc = aletheia("run", "--params", str(SMOKE), "--run-name", "fails", "--set", f"run.runs_dir={tmp_path}",
-                    "--to", "03", "--notebooks", str(notebooks))
+                    "--to", "02", "--notebooks", str(notebooks))
     assert proc.returncode == 1
-    assert "error: 02_sft failed in cell" in proc.stderr and "RuntimeError: loss is nan" in proc.stderr
+    assert "error: 01_curate failed in cell" in proc.stderr and "RuntimeError: loss is nan" in proc.stderr
     manifest = json.loads((tmp_path / "fails" / "manifest.json").read_text())
-    assert manifest["stages"]["01_curate"]["status"] == "complete"
-    assert manifest["stages"]["02_sft"]["status"] == "failed"
-    assert "03_dpo" not in manifest["stages"]
-    partial = nbformat.read(tmp_path / "fails" / "notebooks" / "02_sft.ipynb", as_version=4)
+    assert manifest["stages"]["01_curate"]["status"] == "failed"
+    assert "02_sft" not in manifest["stages"]
+    partial = nbformat.read(tmp_path / "fails" / "notebooks" / "01_curate.ipynb", as_version=4)
     assert any(o.get("ename") == "RuntimeError" for c in partial.cells if c.cell_type == "code" for o in c.outputs)
 
 
 def test_bad_params_give_one_line_naming_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(SMOKE.read_text().replace("max_steps: 3", "max_stepz: 3"))
+    bad.write_text(SMOKE.read_text().replace("max_steps: 4", "max_stepz: 4"))
     proc = aletheia("run", "--params", str(bad))
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {bad}: sft.max_stepz: unknown key"

@@ -1,0 +1,82 @@
+"""DPO with TRL's `DPOTrainer`, starting from the SFT adapter (03_dpo).
+
+The reference model is the SFT policy itself: TRL copies the loaded adapter into a frozen "ref" adapter
+on the same base weights, so no second copy of the model is held in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from . import config as config_mod
+from . import curate, pipeline, sft
+
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def fit_pairs(rows: list[dict], tokenizer, max_len: int, policy: str) -> tuple[list[dict], int]:
+    """`sft.apply_overlong` for pairs, measured on the prompt with the longer of the two answers."""
+    texts = [curate.format_example(r["prompt"], max(r["chosen"], r["rejected"], key=len), "chat_template", tokenizer)
+             for r in rows]
+    return sft.apply_overlong(rows, texts, tokenizer, max_len, policy)
+
+
+def records(rows: list[dict]) -> list[dict]:
+    """Conversational preference records: TRL applies the chat template to prompt, chosen and rejected."""
+    return [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
+
+
+def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
+    """DPOTrainer on the curated pairs, policy initialised from the SFT adapter. Returns (trainer, info)."""
+    from datasets import Dataset
+    from peft import PeftModel
+    from trl import DPOConfig, DPOTrainer
+
+    d, stage = cfg.dpo, paths.stage("03_dpo")
+    data_dir, adapter = paths.root / "01_curate", paths.root / "02_sft" / "adapter"
+    train_rows = sft.load_split(data_dir / "dpo.jsonl", "dpo")
+    val_rows = sft.load_split(data_dir / "dpo_val.jsonl", "dpo")
+    if not (adapter / "adapter_config.json").is_file():
+        raise sft.TrainingDataError(f"{adapter}: no SFT adapter (run 02_sft first)")
+    model, tokenizer = sft.load_base(cfg.run.base_model, cfg.sft.load_in_8bit)
+    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    train_rows, over_train = fit_pairs(train_rows, tokenizer, d.max_seq_length, d.overlong)
+    val_rows, over_val = fit_pairs(val_rows, tokenizer, d.max_seq_length, d.overlong)
+    precision = sft.resolve_precision(d.precision)
+    args = DPOConfig(**sft.training_args(d, stage / "checkpoints", cfg.run.seed, precision),
+                     beta=d.beta, max_length=d.max_seq_length, eval_strategy="steps", eval_steps=d.eval_steps)
+    trainer_cls = type("CrashSafeDPOTrainer", (sft.CrashSafeMixin, DPOTrainer), {})
+    trainer = trainer_cls(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(records(train_rows)),
+                          eval_dataset=Dataset.from_list(records(val_rows)), processing_class=tokenizer,
+                          callbacks=sft.callbacks(stage))
+    trainer.fingerprint = sft.fingerprint(d.model_dump(), cfg.run.base_model, cfg.run.seed, files=(
+        data_dir / "dpo.jsonl", data_dir / "dpo_val.jsonl", adapter / "adapter_model.safetensors"))
+    info = {"train_pairs": len(train_rows), "validation_pairs": len(val_rows), "precision": precision,
+            "beta": d.beta, "overlong": {"policy": d.overlong, "train": over_train, "validation": over_val},
+            "adapters": list(trainer.model.peft_config)}
+    return trainer, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train DPO for a run folder outside the notebook (same code path)."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--params", required=True)
+    parser.add_argument("--run-dir", required=True)
+    args = parser.parse_args(argv)
+    cfg = config_mod.load(args.params)
+    paths = pipeline.RunPaths.for_run(cfg, args.run_dir)
+    trainer, _ = build_trainer(cfg, paths)
+    output, resumed = sft.fit(trainer, paths.stage("03_dpo") / "checkpoints")
+    stopped = next(cb.received for cb in trainer.callback_handler.callbacks if isinstance(cb, sft.StopOnSignal))
+    if not stopped:
+        sft.save_adapter(trainer, trainer.processing_class, paths.stage("03_dpo") / "adapter")
+    print(json.dumps({"global_step": trainer.state.global_step, "resumed_from": resumed, "stopped_by": stopped,
+                      "train_loss": output.training_loss}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
