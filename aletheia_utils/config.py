@@ -18,6 +18,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+PROJECT = Path(__file__).resolve().parent.parent  # defaults for paths a params file leaves out
 QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
 
 
@@ -33,7 +34,7 @@ class Run(Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     base_model: str = Field(min_length=1)
     seed: int = 42
-    runs_dir: str = "../runs"
+    runs_dir: str = str(PROJECT / "runs")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(default=None, ge=1)
 
@@ -52,7 +53,7 @@ class Split(Section):
 
 
 class Data(Section):
-    raw_glob: str = "../data/raw/*.jsonl"
+    raw_glob: str = str(PROJECT / "data" / "raw" / "*.jsonl")
     on_invalid: Literal["fail", "skip"] = "fail"
     domain_topics: dict[str, str] = Field(min_length=1, description="topic -> one-line description")
     offtopic_topics: dict[str, str] = Field(min_length=1, description="everyday subjects the domain is not")
@@ -69,6 +70,7 @@ class Data(Section):
     rejected_source: Literal["base_model", "degraded"] = "base_model"
     rejected_max_tokens: int = Field(128, ge=1)
     dpo_max_pairs: int | None = Field(default=None, ge=1)
+    dpo_val_max_pairs: int | None = Field(default=None, ge=1)
     max_rows: int | None = Field(default=None, ge=1)
     num_proc: int = Field(1, ge=1)
 
@@ -134,6 +136,8 @@ class SFT(Train):
     completion_only_loss: bool = True
     eval_steps: int = Field(50, ge=1)
     init_adapter: str | None = None
+    launcher: Literal["python", "accelerate"] = "python"
+    accelerate_config: str = str(PROJECT / "params" / "accelerate" / "ddp_cpu.yaml")
 
 
 class DPO(Train):
@@ -144,6 +148,7 @@ class DPO(Train):
 class Merge(Section):
     logits_atol: float = Field(1e-3, gt=0)
     check_prompts: int = Field(8, ge=1)
+    check_tokens: int = Field(48, ge=1, description="greedy tokens compared per prompt")
 
 
 class Serve(Section):
@@ -225,7 +230,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, object]:
     return out
 
 
-_PATH_KEYS = (("run", "runs_dir"), ("data", "raw_glob"), ("sft", "init_adapter"))
+_PATH_KEYS = (("run", "runs_dir"), ("data", "raw_glob"), ("sft", "init_adapter"), ("sft", "accelerate_config"))
 
 
 def _resolve_paths(tree: dict, base: Path) -> None:

@@ -6,13 +6,8 @@ on the same base weights, so no second copy of the model is held in memory.
 
 from __future__ import annotations
 
-import argparse
-import json
-
 from . import config as config_mod
 from . import curate, pipeline, sft
-
-REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
 def fit_pairs(rows: list[dict], tokenizer, max_len: int, policy: str) -> tuple[list[dict], int]:
@@ -60,23 +55,5 @@ def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
     return trainer, info
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train DPO for a run folder outside the notebook (same code path)."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--params", required=True)
-    parser.add_argument("--run-dir", required=True)
-    args = parser.parse_args(argv)
-    cfg = config_mod.load(args.params)
-    paths = pipeline.RunPaths.for_run(cfg, args.run_dir)
-    trainer, _ = build_trainer(cfg, paths)
-    output, resumed = sft.fit(trainer, paths.stage("03_dpo") / "checkpoints")
-    stopped = next(cb.received for cb in trainer.callback_handler.callbacks if isinstance(cb, sft.StopOnSignal))
-    if not stopped:
-        sft.save_adapter(trainer, trainer.processing_class, paths.stage("03_dpo") / "adapter")
-    print(json.dumps({"global_step": trainer.state.global_step, "resumed_from": resumed, "stopped_by": stopped,
-                      "train_loss": output.training_loss}))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(sft.run_main(None, build_trainer, "03_dpo"))

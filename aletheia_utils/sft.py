@@ -229,12 +229,15 @@ class CrashSafeMixin:
     def _save_checkpoint(self, model, trial):
         final_root = Path(self.args.output_dir)
         staging_root = final_root / ".staging"
-        shutil.rmtree(staging_root, ignore_errors=True)
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         self.args.output_dir = str(staging_root)
         try:
-            super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(model, trial)  # every rank writes its part (e.g. its RNG state)
         finally:
             self.args.output_dir = str(final_root)
+        self.accelerator.wait_for_everyone()
         if not self.args.should_save:
             return
         name = f"checkpoint-{self.state.global_step}"
@@ -259,20 +262,26 @@ def fit(trainer, output_dir: Path):
     """Train, resuming from the newest complete checkpoint made from the same inputs and settings.
 
     Checkpoints of other settings are removed. A fresh start clears `metrics.jsonl` and first evaluates the
-    untrained model (the step-0 baseline); a resume keeps the metrics up to its step. Returns (train output,
-    the checkpoint resumed from or None).
+    untrained model (the step-0 baseline); a resume keeps the metrics up to its step; the last step is always
+    evaluated. Returns (train output, the checkpoint resumed from or None).
     """
     ours = complete_checkpoints(output_dir, trainer.fingerprint)
-    for stale in set(output_dir.glob("checkpoint-*")) - set(ours):
-        shutil.rmtree(stale)
     resume = ours[-1] if ours else None
-    metrics = next(cb.path for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsCallback))
-    step = int(resume.name[11:]) if resume else -1
-    kept = [r for r in read_metrics(metrics) if r["step"] <= step]
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    if trainer.args.should_save:  # the main process tidies up; the others wait for it
+        for stale in set(output_dir.glob("checkpoint-*")) - set(ours):
+            shutil.rmtree(stale)
+        metrics = next(cb.path for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsCallback))
+        step = int(resume.name[11:]) if resume else -1
+        kept = [r for r in read_metrics(metrics) if r["step"] <= step]
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    trainer.accelerator.wait_for_everyone()
     if resume is None and trainer.eval_dataset is not None:
         trainer.evaluate()
-    return trainer.train(resume_from_checkpoint=str(resume) if resume else None), str(resume) if resume else None
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    last_eval = max((h["step"] for h in trainer.state.log_history if "eval_loss" in h), default=-1)  # same on all ranks
+    if trainer.eval_dataset is not None and last_eval != trainer.state.global_step:
+        trainer.evaluate()  # the final validation point, unless the schedule already logged it
+    return output, str(resume) if resume else None
 
 
 def eval_losses(records: list[dict], key: str = "eval_loss") -> list[float]:
@@ -293,14 +302,14 @@ def save_adapter(trainer, tokenizer, target: Path) -> Path:
     return target
 
 
-def generate(model, tokenizer, question: str, max_new_tokens: int = 128) -> str:
-    """A greedy answer to one question through the chat template (used before and after training)."""
+def generate(model, tokenizer, question: str, style: str = "chat_template", max_new_tokens: int = 128) -> str:
+    """A greedy answer to one question, prompted in the training format (used before and after training)."""
     import torch
 
     was_training = model.training
     model.eval()
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True).to(model.device)
+    prompt = curate.format_prompt(question, style, tokenizer)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
@@ -377,24 +386,61 @@ def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
     return trainer, info
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train SFT for a run folder outside the notebook (same code path)."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
+def launch(cfg: config_mod.Config, paths: pipeline.RunPaths, module: str = "aletheia_utils.sft") -> list[dict]:
+    """Run a training module under `accelerate launch` with `sft.accelerate_config` (DDP on CPU cores, or
+    DeepSpeed/FSDP on GPUs); return each rank's report. A failure raises with the end of its stderr."""
+    import subprocess
+    import sys
+
+    config_mod.save(cfg, paths.params)  # the workers read the run's resolved settings
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg.sft.accelerate_config,
+           "-m", module, "--params", str(paths.params), "--run-dir", str(paths.root)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')]
+    if proc.returncode != 0:
+        raise RuntimeError(f"accelerate launch failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return reports
+
+
+def train(trainer, cfg: config_mod.Config, paths: pipeline.RunPaths, stage: str = "02_sft") -> dict:
+    """Fit in this process, or with `sft.launcher: accelerate` as several processes whose saved adapter is
+    then loaded into `trainer.model`. Returns steps, train loss, resume point, runtime and process count."""
+    if cfg.sft.launcher == "python":
+        output, resumed = fit(trainer, paths.stage(stage) / "checkpoints")
+        return {"steps": trainer.state.global_step, "train_loss": output.training_loss, "resumed_from": resumed,
+                "train_runtime_s": output.metrics.get("train_runtime"), "processes": 1}
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    module = {"02_sft": "aletheia_utils.sft", "03_dpo": "aletheia_utils.dpo"}[stage]
+    started = time.perf_counter()
+    reports = launch(cfg, paths, module)
+    main_report = next(r for r in reports if r["rank"] == 0)
+    set_peft_model_state_dict(trainer.model, load_file(paths.stage(stage) / "adapter" / "adapter_model.safetensors"))
+    return {"steps": main_report["global_step"], "train_loss": main_report["train_loss"],
+            "resumed_from": main_report["resumed_from"], "train_runtime_s": time.perf_counter() - started,
+            "processes": len(reports)}
+
+
+def run_main(argv: list[str] | None, build, stage: str) -> int:
+    """Shared entry point of `python -m aletheia_utils.sft|dpo`: build, fit (resuming), save the adapter
+    unless a signal stopped training, and print one JSON report per rank."""
+    parser = argparse.ArgumentParser(description=f"Train {stage} for a run folder outside the notebook.")
     parser.add_argument("--params", required=True)
     parser.add_argument("--run-dir", required=True)
     args = parser.parse_args(argv)
     cfg = config_mod.load(args.params)
     paths = pipeline.RunPaths.for_run(cfg, args.run_dir)
-    trainer, _ = build_trainer(cfg, paths)
-    output, resumed = fit(trainer, paths.stage("02_sft") / "checkpoints")
+    trainer, _ = build(cfg, paths)
+    output, resumed = fit(trainer, paths.stage(stage) / "checkpoints")
     stopped = next(cb.received for cb in trainer.callback_handler.callbacks if isinstance(cb, StopOnSignal))
-    if not stopped:
-        save_adapter(trainer, trainer.processing_class, paths.stage("02_sft") / "adapter")
-    if trainer.args.should_save:
-        print(json.dumps({"global_step": trainer.state.global_step, "resumed_from": resumed, "stopped_by": stopped,
-                          "train_loss": output.training_loss}))
+    if not stopped and trainer.args.should_save:
+        save_adapter(trainer, trainer.processing_class, paths.stage(stage) / "adapter")
+    print(json.dumps({"rank": trainer.args.process_index, "world_size": trainer.args.world_size,
+                      "global_step": trainer.state.global_step, "resumed_from": resumed, "stopped_by": stopped,
+                      "train_loss": output.training_loss}), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(None, build_trainer, "02_sft"))

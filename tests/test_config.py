@@ -104,3 +104,10 @@ def test_saved_params_reload_identically_and_hash_ignores_the_name(tmp_path):
     renamed = config.load(PARAMS / "smoke.yaml", ["run.name=other"])
     assert renamed.params_hash() == cfg.params_hash()
     assert config.load(PARAMS / "smoke.yaml", ["sft.max_steps=7"]).params_hash() != cfg.params_hash()
+
+
+def test_paths_left_out_default_to_the_project_not_the_working_directory(tmp_path):
+    path = _write(tmp_path, lambda t: (t["run"].pop("runs_dir"), t["data"].pop("raw_glob")))
+    cfg = config.load(path)
+    assert cfg.run.runs_dir == str(ROOT / "runs") and cfg.data.raw_glob == str(ROOT / "data" / "raw" / "*.jsonl")
+    assert cfg.sft.accelerate_config == str(ROOT / "params" / "accelerate" / "ddp_cpu.yaml")

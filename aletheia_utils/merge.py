@@ -1,0 +1,80 @@
+"""Fold the trained LoRA adapter into the base weights and prove nothing changed (04_merge).
+
+03_dpo continues training the SFT adapter itself, so the DPO adapter holds both stages' updates:
+merging it alone into the base gives the final model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from . import curate, sft
+
+
+def load_adapter_model(base_model: str, adapter: Path):
+    """(model, tokenizer): the base with the adapter applied, in eval mode, fp32."""
+    from peft import PeftModel
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise sft.TrainingDataError(f"{adapter}: no adapter (run the training stages first)")
+    model, tokenizer = sft.load_base(base_model)
+    return PeftModel.from_pretrained(model, str(adapter)).eval(), tokenizer
+
+
+def save_merged(model, tokenizer, target: Path) -> Path:
+    """`merge_and_unload`, then safetensors + tokenizer (with its chat template) + a generation config whose
+    EOS ids include the chat template's end-of-turn token; written atomically."""
+    merged = model.merge_and_unload()
+    eos = sorted({tokenizer.eos_token_id, *([merged.generation_config.eos_token_id]
+                                            if isinstance(merged.generation_config.eos_token_id, int)
+                                            else merged.generation_config.eos_token_id or [])} - {None})
+    merged.generation_config.eos_token_id = eos if len(eos) > 1 else eos[0]
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def logits_on(model, tokenizer, prompts: list[str], style: str):
+    """The logits at every position of each formatted prompt (one tensor per prompt)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tokenizer(curate.format_prompt(p, style, tokenizer), return_tensors="pt", add_special_tokens=False)
+            out.append(model(**ids).logits[0].float())
+    return out
+
+
+def compare(reference: list, candidate: list) -> dict:
+    """Max absolute logit difference and the share of positions whose argmax token agrees."""
+    diffs = [float((a - b).abs().max()) for a, b in zip(reference, candidate, strict=True)]
+    agree = [float((a.argmax(-1) == b.argmax(-1)).float().mean()) for a, b in zip(reference, candidate, strict=True)]
+    return {"max_abs_diff": max(diffs), "argmax_agreement": sum(agree) / len(agree), "prompts": len(diffs)}
+
+
+def model_card(target: Path, *, base_model: str, adapter: Path, data_files: list[Path], params: dict,
+               metrics: dict, check: dict) -> Path:
+    """README.md in the model folder: base, data with hashes, params, training metrics and the merge check."""
+    lines = ["# Aletheia merged model", "", f"- Base model: `{base_model}`",
+             f"- Adapter merged: `{adapter}` (SFT, then DPO on the same adapter)", "", "## Data", "",
+             "| file | sha256 |", "| --- | --- |"]
+    lines += [f"| `{f.name}` | `{curate.sha256(f)}` |" for f in data_files if f.exists()]
+    lines += ["", "## Training metrics", "", "```json", json.dumps(metrics, indent=2, default=str), "```",
+              "", "## Merge check", "",
+              f"Logits of the merged model against the adapter model on {check['prompts']} held-out prompts: "
+              f"max |Δ| = {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e}), argmax agreement "
+              f"{check['argmax_agreement']:.4f}, greedy answers identical on {check['greedy_identical']} of "
+              f"{check['prompts']}.", "", "## Params", "", "```json", json.dumps(params, indent=2), "```", ""]
+    path = target / "README.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

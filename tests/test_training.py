@@ -1,0 +1,159 @@
+"""02_sft / 03_dpo: bad input stops before training; crash safety (SIGTERM, SIGKILL, resume); 8-bit loading."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aletheia_utils import config, curate, dpo, pipeline, sft
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "params" / "smoke.yaml"
+
+
+def corpus_rows(n: int) -> list[dict]:
+    rows, _ = curate.load_rows(sorted((ROOT / "data" / "raw").glob("*_authored.jsonl")), "raw")
+    return [{"prompt": r["question"], "response": r["answer"]} for r in rows[:n]]
+
+
+def make_run(tmp_path: Path, overrides: dict | None = None, n_train: int = 24) -> tuple[Path, Path]:
+    """A params file and a run folder holding small curated splits, as 01_curate would leave them."""
+    tree = yaml.safe_load(SMOKE.read_text())
+    tree["run"]["runs_dir"] = str(tmp_path)
+    tree["data"]["raw_glob"] = str(ROOT / "data" / "raw" / "*.jsonl")
+    for dotted, value in (overrides or {}).items():
+        node = tree
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tree))
+    run_dir = tmp_path / "run"
+    data = run_dir / "01_curate"
+    data.mkdir(parents=True)
+    rows = corpus_rows(n_train + 6)
+    curate.write_jsonl(data / "sft.jsonl", rows[:n_train])
+    curate.write_jsonl(data / "sft_val.jsonl", rows[n_train:])
+    return params, run_dir
+
+
+def build(params: Path, run_dir: Path, builder=sft.build_trainer):
+    cfg = config.load(params)
+    return builder(cfg, pipeline.RunPaths.for_run(cfg, run_dir))
+
+
+@pytest.mark.parametrize("setup, overrides, message", [
+    (lambda d: (d / "sft.jsonl").unlink(), {}, "sft.jsonl: split not found (run 01_curate first)"),
+    (lambda d: (d / "sft_val.jsonl").write_text(""), {}, "sft_val.jsonl: split is empty"),
+    (lambda d: (d / "sft.jsonl").write_text('{"prompt": "p"}\n'), {}, "sft.jsonl:1: response: missing"),
+    (lambda d: None, {"sft.lora.target_modules": ["q_proj", "qkv_proj"]},
+     "sft.lora.target_modules: the model has no module named qkv_proj; its linear layers are"),
+    (lambda d: None, {"sft.init_adapter": "/nonexistent/adapter"},
+     "sft.init_adapter: /nonexistent/adapter is not an adapter folder"),
+    (lambda d: None, {"sft.overlong": "fail", "sft.max_seq_length": 64},
+     "example(s) are longer than max_seq_length=64 tokens"),
+])
+def test_bad_sft_input_stops_before_training(tmp_path, setup, overrides, message):
+    params, run_dir = make_run(tmp_path, overrides)
+    setup(run_dir / "01_curate")
+    with pytest.raises(sft.TrainingDataError, match=None) as err:
+        build(params, run_dir)
+    assert message in str(err.value)
+    assert not (run_dir / "02_sft" / "checkpoints").exists() or not any((run_dir / "02_sft" / "checkpoints").iterdir())
+
+
+def test_overlong_rows_are_counted_and_dropped(tmp_path):
+    params, run_dir = make_run(tmp_path, {"sft.max_seq_length": 330})
+    trainer, info = build(params, run_dir)
+    assert info["overlong"]["train"] > 0 and info["train_rows"] == 24 - info["overlong"]["train"]
+
+
+def test_dpo_needs_the_sft_adapter(tmp_path):
+    params, run_dir = make_run(tmp_path)
+    pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "It depends."} for r in corpus_rows(4)]
+    for name in ("dpo.jsonl", "dpo_val.jsonl"):
+        curate.write_jsonl(run_dir / "01_curate" / name, pairs)
+    with pytest.raises(sft.TrainingDataError, match="no SFT adapter"):
+        build(params, run_dir, dpo.build_trainer)
+
+
+def test_lora_trains_on_an_8bit_base(tmp_path):
+    params, run_dir = make_run(tmp_path, {"sft.load_in_8bit": True, "sft.max_steps": 1, "sft.precision": "fp32"},
+                               n_train=4)
+    trainer, _ = build(params, run_dir)
+    assert any("Linear8bitLt" in type(m).__name__ for m in trainer.model.modules())
+    output, _ = sft.fit(trainer, run_dir / "02_sft" / "checkpoints")
+    assert trainer.state.global_step == 1 and output.training_loss > 0
+
+
+def _start(params: Path, run_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "aletheia_utils.sft", "--params", str(params), "--run-dir",
+                             str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        if any(r.get("step", -1) >= step and "loss" in r for r in sft.read_metrics(metrics)):
+            return
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_sigkill_resumes_and_the_newest_checkpoint_survives(tmp_path):
+    params, run_dir = make_run(tmp_path, {"sft.max_steps": 8, "sft.save_steps": 2, "sft.save_total_limit": 1,
+                                          "sft.eval_steps": 100, "sft.logging_steps": 1})
+    ckpts, metrics = run_dir / "02_sft" / "checkpoints", run_dir / "02_sft" / "metrics.jsonl"
+
+    first = _start(params, run_dir)  # SIGTERM: save a resumable checkpoint and exit cleanly
+    _wait_for_step(first, metrics, 1)
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["stopped_by"] == "SIGTERM" and report["global_step"] < 8
+    assert [p.name for p in sft.complete_checkpoints(ckpts)] == [f"checkpoint-{report['global_step']}"]
+    assert not (run_dir / "02_sft" / "adapter").exists()
+
+    (ckpts / "checkpoint-99").mkdir()  # a partial checkpoint (no marker) must be ignored
+    second = _start(params, run_dir)  # SIGKILL mid-run: nothing gets to clean up
+    _wait_for_step(second, metrics, report["global_step"] + 2)
+    newest_before_kill = sft.complete_checkpoints(ckpts)[-1]
+    os.kill(second.pid, signal.SIGKILL)
+    second.wait(timeout=60)
+    done = sft.complete_checkpoints(ckpts)
+    assert done and done[-1] >= newest_before_kill and len(done) == 1, "save_total_limit kept the newest"
+
+    third = _start(params, run_dir)
+    out, err = third.communicate(timeout=600)
+    assert third.returncode == 0, err
+    final = json.loads(out.strip().splitlines()[-1])
+    assert final["resumed_from"] == str(done[-1]) and final["global_step"] == 8 and final["stopped_by"] is None
+    assert (run_dir / "02_sft" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (ckpts / "checkpoint-99").exists() and not (ckpts / ".staging").exists()
+    steps = [r["step"] for r in sft.read_metrics(metrics) if "loss" in r and "train_loss" not in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 8, "a resumed run continues the metrics, no repeats"
+
+
+@pytest.mark.slow
+def test_accelerate_runs_sft_as_two_cpu_processes(tmp_path):
+    params, run_dir = make_run(tmp_path, {"sft.launcher": "accelerate", "sft.max_steps": 2, "sft.eval_steps": 100,
+                                          "sft.save_steps": 100}, n_train=12)
+    cfg = config.load(params)
+    assert cfg.sft.accelerate_config == str(ROOT / "params" / "accelerate" / "ddp_cpu.yaml")
+    reports = sft.launch(cfg, pipeline.RunPaths.for_run(cfg, run_dir))
+    assert sorted(r["rank"] for r in reports) == [0, 1] and {r["world_size"] for r in reports} == {2}
+    assert {r["global_step"] for r in reports} == {2}, "both ranks stepped together"
+    adapters = [p for p in run_dir.rglob("adapter_model.safetensors") if "checkpoints" not in p.parts]
+    assert adapters == [run_dir / "02_sft" / "adapter" / "adapter_model.safetensors"], "one adapter, saved once"
+    assert len(sft.complete_checkpoints(run_dir / "02_sft" / "checkpoints")) == 1
