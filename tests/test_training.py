@@ -157,3 +157,22 @@ def test_accelerate_runs_sft_as_two_cpu_processes(tmp_path):
     adapters = [p for p in run_dir.rglob("adapter_model.safetensors") if "checkpoints" not in p.parts]
     assert adapters == [run_dir / "02_sft" / "adapter" / "adapter_model.safetensors"], "one adapter, saved once"
     assert len(sft.complete_checkpoints(run_dir / "02_sft" / "checkpoints")) == 1
+
+
+def test_init_adapter_continues_an_existing_adapter(tmp_path):
+    params, run_dir = make_run(tmp_path, {"sft.max_steps": 1}, n_train=4)
+    trainer, _ = build(params, run_dir)
+    sft.fit(trainer, run_dir / "02_sft" / "checkpoints")
+    first = sft.save_adapter(trainer, trainer.processing_class, tmp_path / "first_adapter")
+    (tmp_path / "again").mkdir()
+    params2, run_dir2 = make_run(tmp_path / "again", {"sft.max_steps": 1, "sft.init_adapter": str(first)}, n_train=4)
+    trainer2, info = build(params2, run_dir2)
+    assert info["init_adapter"] == str(first)
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(first / "adapter_model.safetensors")
+    loaded = {n: p for n, p in trainer2.model.named_parameters() if "lora_B" in n}
+    assert loaded and all(p.requires_grad for p in loaded.values())
+    assert any(torch.count_nonzero(p) for p in loaded.values()), "starts from the trained B, not from zero"
+    assert len(saved) == len([n for n, _ in trainer2.model.named_parameters() if "lora_" in n])
