@@ -63,13 +63,18 @@ def versions() -> dict[str, str]:
     return out
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux), e.g. to tell whether bf16 matmuls are fast."""
+    return set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+
+
 def device_report() -> dict[str, object]:
     """What the notebooks will compute on: CUDA devices if any, else the CPU and its bf16 support."""
     import torch
 
     if torch.cuda.is_available():
         return {"device": "cuda", "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    flags = cpu_flags()
     return {"device": "cpu", "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 

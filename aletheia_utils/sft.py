@@ -31,11 +31,6 @@ class TrainingDataError(ValueError):
 
 # ---------------------------------------------------------------- precision and model
 
-def cpu_has_bf16() -> bool:
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_precision(setting: str) -> str:
     """'auto' -> bf16 on CUDA with bf16 or on a CPU with AVX512-BF16/AMX, else fp32."""
     import torch
@@ -44,7 +39,7 @@ def resolve_precision(setting: str) -> str:
         return setting
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_bf16() else "fp32"
+    return "bf16" if pipeline.cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
 
 
 def load_base(base_model: str, load_in_8bit: bool = False):
