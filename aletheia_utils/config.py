@@ -72,7 +72,6 @@ class Data(Section):
     dpo_max_pairs: int | None = Field(default=None, ge=1)
     dpo_val_max_pairs: int | None = Field(default=None, ge=1)
     max_rows: int | None = Field(default=None, ge=1)
-    num_proc: int = Field(1, ge=1)
 
     @field_validator("boilerplate_patterns")
     @classmethod
