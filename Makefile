@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	touch $@
 
+# llama.cpp's converter and llama-server, from the installed llama-cpp-python's source (cached; ~10 min once).
 setup: $(STAMP)
+	$(BIN)/aletheia setup-llama-cpp
 
 run: setup
 	$(BIN)/aletheia run --params $(PARAMS) $(if $(NAME),--run-name $(NAME))

@@ -6,7 +6,7 @@ importing the training stack.
 
 import importlib
 
-__all__ = ["config", "curate", "dpo", "merge", "models", "pipeline", "plots", "sft"]
+__all__ = ["config", "curate", "dpo", "evaluate", "gguf", "llamacpp", "merge", "models", "pipeline", "plots", "serve", "sft"]
 __version__ = "0.1.0"
 
 

@@ -1,4 +1,6 @@
-"""The `aletheia` command: `run` executes the notebooks with papermill; `validate-data` checks JSONL files."""
+"""The `aletheia` command: `run` executes the notebooks with papermill; `validate-data` checks JSONL files;
+`setup-llama-cpp` fetches and builds llama.cpp's tools for the installed llama-cpp-python; `gateway` serves the
+OpenAI-compatible gateway."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import config, curate, pipeline
+from . import config, curate, llamacpp, pipeline
 
 
 def _run(args) -> int:
@@ -40,6 +42,19 @@ def _validate_data(args) -> int:
     return 2 if failed else 0
 
 
+def _setup_llama_cpp(args) -> int:
+    for key, value in llamacpp.setup().items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _gateway(args) -> int:
+    from . import gateway
+
+    gateway.run(gateway.load_config(args.config))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aletheia", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("files", nargs="+", metavar="FILE")
     val.add_argument("--kind", required=True, choices=list(curate.KINDS), help="what each row must be")
     val.set_defaults(func=_validate_data)
+    setup = sub.add_parser("setup-llama-cpp", help="unpack llama.cpp's converter and build llama-server (cached)")
+    setup.set_defaults(func=_setup_llama_cpp)
+    gw = sub.add_parser("gateway", help="serve the OpenAI-compatible gateway (auth, rate limit, filter, fail-over)")
+    gw.add_argument("--config", required=True, help="gateway YAML file, e.g. params/gateway.yaml")
+    gw.set_defaults(func=_gateway)
     return parser
 
 
@@ -64,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (config.ConfigError, ValueError) as e:
+    except (config.ConfigError, llamacpp.SetupMissing, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

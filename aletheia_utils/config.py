@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 PROJECT = Path(__file__).resolve().parent.parent  # defaults for paths a params file leaves out
 QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
@@ -160,6 +160,11 @@ class Serve(Section):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     startup_timeout_s: float = Field(300, gt=0)
     gateway: bool = False
+    parallel: int = Field(4, ge=1)  # server slots decoding together (continuous batching)
+    load_concurrency: list[PositiveInt] = [1, 4, 8]
+    load_requests_per_client: int = Field(2, ge=1)
+    load_max_tokens: int = Field(64, ge=1)
+    request_timeout_s: float = Field(120, gt=0)
 
 
 class GGUF(Section):
@@ -167,6 +172,8 @@ class GGUF(Section):
     quants: list[Literal[QUANT_TYPES]] = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"]  # type: ignore[valid-type]
     serve_quant: str = "Q4_K_M"
     perplexity_max_texts: int = Field(64, ge=1)
+    agreement_tokens: int = Field(32, ge=1)
+    max_perplexity_increase: float = Field(0.05, ge=0)
 
     @model_validator(mode="after")
     def _serve_quant_known(self):
@@ -182,6 +189,8 @@ class Eval(Section):
     num_prompts: int = Field(50, ge=1)
     max_new_tokens: int = Field(256, ge=1)
     bootstrap_samples: int = Field(1000, ge=10)
+    choice_max_words: int = Field(64, ge=1, description="words kept of each answer in the choice tasks")
+    tie_margin: float = Field(0.02, ge=0, lt=1, description="score gap below which two answers tie")
 
 
 class Config(Section):

@@ -104,3 +104,100 @@ def training_curves(records: Sequence[Mapping], panels: Mapping[str, Sequence[st
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     return fig
+
+
+def quant_ladder(rows: Sequence[Mapping], reference: float | None = None):
+    """File size against held-out perplexity for each GGUF level (06_gguf); `reference` = the HF model's."""
+    fig, ax = _fig(6, 3.5)
+    sizes = [r["size_bytes"] / 2**20 for r in rows]
+    ppl = [r["perplexity"] for r in rows]
+    ax.plot(sizes, ppl, "o-", color="tab:blue")
+    for s, p, r in zip(sizes, ppl, rows, strict=True):
+        ax.annotate(f" {r['level']}\n {r['bpw']:.2f} bpw", (s, p), fontsize=8)
+    if reference is not None:
+        ax.axhline(reference, color="grey", ls="--", lw=1, label="merged HF model (fp32)")
+        ax.legend(loc="upper right")
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel("perplexity on held-out responses")
+    ax.set_title("Quantization ladder: size against quality")
+    return fig
+
+
+def latency_histogram(results: Sequence[Mapping]):
+    """Per-request latency distributions of load-test runs (07_serve_cpu), one per concurrency level."""
+    fig, ax = _fig()
+    for r in results:
+        ax.hist(r["latencies_s"], bins=20, alpha=0.5, label=f"{r['server']} ×{r['concurrency']}")
+    ax.set_xlabel("request latency (s)")
+    ax.set_ylabel("requests")
+    ax.legend(fontsize=8)
+    ax.set_title("Latency by concurrency")
+    return fig
+
+
+def throughput_vs_concurrency(results: Sequence[Mapping]):
+    """Aggregate output tokens/s and p95 latency against concurrent clients, one line per server."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5), layout="constrained")
+    for name in dict.fromkeys(r["server"] for r in results):
+        mine = sorted((r for r in results if r["server"] == name), key=lambda r: r["concurrency"])
+        x = [r["concurrency"] for r in mine]
+        left.plot(x, [r["output_tokens_per_s"] for r in mine], "o-", label=name)
+        right.plot(x, [r["latency_p95_s"] for r in mine], "o-", label=name)
+    left.set(xlabel="concurrent clients", ylabel="output tokens/s (all clients)", title="Throughput")
+    right.set(xlabel="concurrent clients", ylabel="p95 latency (s)", title="Tail latency")
+    left.legend(fontsize=8)
+    return fig
+
+
+def task_scores(results: Mapping[str, Mapping[str, Mapping]], metrics: Mapping[str, str]):
+    """One panel per task (08_evaluate): its headline metric per model with ±1 standard error bars.
+    `results` is {model: {task: {"metrics": {...}} | {"skipped": why}}}; a model without a score gets no bar."""
+    tasks = [t for t in metrics if any("metrics" in per.get(t, {}) for per in results.values())]
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(3.2 * max(len(tasks), 1), 3.2), layout="constrained",
+                             squeeze=False)
+    models = list(results)
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        metric = metrics[task]
+        got = [(i, results[m][task]["metrics"]) for i, m in enumerate(models) if "metrics" in results[m].get(task, {})]
+        xs = [i for i, _ in got]
+        ax.bar(xs, [s[metric] for _, s in got], yerr=[s.get(f"{metric}_stderr") or 0 for _, s in got], capsize=4,
+               color=[f"C{i}" for i in xs])
+        ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{task}\n{metric}", fontsize=9)
+    return fig
+
+
+def win_rates(pairs: Mapping[str, Mapping]):
+    """Win rate of A over B per pair with its 95% interval (08_evaluate); 0.5 means no difference."""
+    names = [n for n, p in pairs.items() if p.get("prompts")]
+    fig, ax = _fig(6, 0.6 * len(names) + 1.2)
+    rates = [pairs[n]["win_rate"] for n in names]
+    err = [[r - pairs[n]["ci_low"] for n, r in zip(names, rates, strict=True)],
+           [pairs[n]["ci_high"] - r for n, r in zip(names, rates, strict=True)]]
+    ax.barh(names, rates, xerr=err, capsize=4, color="tab:purple")
+    for y, n in enumerate(names):
+        p = pairs[n]
+        ax.text(1.01, y, f"{p['wins']}/{p['ties']}/{p['losses']}", va="center", fontsize=8)
+    ax.axvline(0.5, color="black", ls="--", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("win rate of A over B (ties half), 95% bootstrap interval; right: wins/ties/losses")
+    ax.invert_yaxis()
+    return fig
+
+
+def answer_shapes(per_model: Mapping[str, Sequence[Mapping | None]]):
+    """Answer length distribution and the share of answers with lists, code blocks and headings, per model."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")
+    models = list(per_model)
+    rows = {m: [r for r in per_model[m] if r] for m in models}
+    left.boxplot([[r["words"] for r in rows[m]] or [0] for m in models], tick_labels=models)
+    left.set(ylabel="words per answer", title="Answer length")
+    kinds = ("list_items", "code_blocks", "headings")
+    width = 0.8 / len(models)
+    for i, m in enumerate(models):
+        shares = [sum(r[k] > 0 for r in rows[m]) / max(len(rows[m]), 1) for k in kinds]
+        right.bar([k + i * width for k in range(len(kinds))], shares, width, label=m)
+    right.set_xticks([k + 0.4 - width / 2 for k in range(len(kinds))], ["lists", "code blocks", "headings"])
+    right.set(ylabel="share of answers", ylim=(0, 1), title="Structure")
+    right.legend(fontsize=8)
+    return fig

@@ -1,0 +1,207 @@
+"""GGUF export and the quantization ladder, each level measured (06_gguf).
+
+Conversion is llama.cpp's own `convert_hf_to_gguf.py` and quantization llama.cpp's own quantizer (through the
+llama-cpp-python bindings), both from the same llama.cpp version. Each level is measured against the merged HF
+model on the same token ids: perplexity of held-out responses and greedy-token agreement.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import llamacpp
+from .serve import ServerError, check_gguf
+
+
+class GGUFError(RuntimeError):
+    """A conversion, quantization or check failed."""
+
+
+def gguf_path(stage_dir: Path, level: str) -> Path:
+    """Where 06_gguf writes one level: `model-F16.gguf`, `model-Q4_K_M.gguf` …"""
+    return Path(stage_dir) / f"model-{level.upper()}.gguf"
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    if not (model_dir / "config.json").is_file():
+        raise GGUFError(f"{model_dir}: not a model folder (config.json missing)")
+    if not any(model_dir.glob("*.safetensors")):
+        raise GGUFError(f"{model_dir}: no *.safetensors weights")
+
+
+def convert(model_dir: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16") -> Path:
+    """HF folder → GGUF with llama.cpp's converter; written to a temporary name and renamed when complete."""
+    model_dir, out = Path(model_dir), Path(out)
+    _check_model_dir(model_dir)
+    tmp = out.with_name(out.name + ".partial")
+    proc = subprocess.run([sys.executable, str(llamacpp.converter()), str(model_dir), "--outfile", str(tmp),
+                           "--outtype", outtype], env=llamacpp.converter_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        tail = "\n".join(proc.stderr.splitlines()[-8:])
+        raise GGUFError(f"convert_hf_to_gguf.py failed on {model_dir} (exit {proc.returncode}):\n{tail}")
+    os.replace(tmp, out)
+    return out
+
+
+def quantize(src: str | os.PathLike, out: str | os.PathLike, level: str) -> Path:
+    """Quantize `src` to `level` (e.g. Q4_K_M) with llama.cpp's `llama_model_quantize`."""
+    import llama_cpp
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{level.upper()}", None)
+    if ftype is None:
+        raise GGUFError(f"unknown quant type {level!r}")
+    src, out = read_metadata(src)["path"], Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise GGUFError(f"llama_model_quantize {src} → {level} failed (return code {rc})")
+    os.replace(tmp, out)
+    return out
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """Chat template, EOS id, tensor count, parameters and bits per weight; a truncated file is an error."""
+    from gguf import GGUFReader
+
+    try:
+        path = check_gguf(path)
+    except ServerError as e:
+        raise GGUFError(str(e)) from None
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, OSError) as e:
+        raise GGUFError(f"{path}: unreadable GGUF ({e}); the file may be truncated") from None
+    end = max(t.data_offset + t.n_bytes for t in reader.tensors)
+    size = path.stat().st_size
+    if end > size:
+        raise GGUFError(f"{path}: truncated ({size} bytes, tensors need {end})")
+
+    def field(name):
+        f = reader.fields.get(name)
+        return f.contents() if f is not None else None
+
+    n_params = sum(int(t.n_elements) for t in reader.tensors)
+    return {"path": path, "size_bytes": size, "n_tensors": len(reader.tensors), "n_params": n_params,
+            "bpw": sum(int(t.n_bytes) for t in reader.tensors) * 8 / n_params,
+            "chat_template": field("tokenizer.chat_template"), "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+            "architecture": field("general.architecture")}
+
+
+# ---------------------------------------------------------------- measuring a level against the HF model
+
+@dataclass
+class Probe:
+    """Token ids shared by every model under test: prompt + reference response, and prompt + HF greedy answer."""
+
+    prompt: list[int]
+    response: list[int]
+    greedy: list[int]
+
+
+def probes(model, tokenizer, rows: list[dict], style: str, greedy_tokens: int) -> list[Probe]:
+    """Tokenize held-out (prompt, response) rows once; the HF model's greedy answer is the agreement target."""
+    import torch
+
+    from . import curate
+
+    out = []
+    for row in rows:
+        prompt = tokenizer(curate.format_prompt(row["prompt"], style, tokenizer), add_special_tokens=False).input_ids
+        full = tokenizer(curate.format_example(row["prompt"], row["response"], style, tokenizer),
+                         add_special_tokens=False).input_ids
+        if full[:len(prompt)] != prompt:
+            raise GGUFError("the prompt's tokens are not a prefix of prompt+response; cannot score responses")
+        with torch.no_grad():
+            gen = model.generate(torch.tensor([prompt]), max_new_tokens=greedy_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        out.append(Probe(prompt, full[len(prompt):], gen[0, len(prompt):].tolist()))
+    return out
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits - logits.max(-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
+def _score(logits: np.ndarray, n_prompt: int, continuation: list[int]) -> tuple[float, np.ndarray]:
+    """Summed NLL of `continuation` and the argmax prediction at each of its positions."""
+    rows = logits[n_prompt - 1:n_prompt - 1 + len(continuation)]
+    lp = _log_softmax(rows.astype(np.float64))
+    return -float(lp[np.arange(len(continuation)), continuation].sum()), rows.argmax(-1)
+
+
+def _summary(nll: float, n_tokens: int, hits: int, n_greedy: int) -> dict:
+    return {"perplexity": float(np.exp(nll / n_tokens)), "scored_tokens": n_tokens,
+            "greedy_agreement": hits / n_greedy if n_greedy else float("nan")}
+
+
+def measure_hf(model, batch: list[Probe]) -> dict:
+    """Perplexity and (by construction 1.0) agreement of the HF model itself: the reference row of the table."""
+    import torch
+
+    nll, n, hits, total = 0.0, 0, 0, 0
+    for p in batch:
+        for cont, is_greedy in ((p.response, False), (p.greedy, True)):
+            with torch.no_grad():
+                logits = model(torch.tensor([p.prompt + cont])).logits[0].float().numpy()
+            s, pred = _score(logits, len(p.prompt), cont)
+            if is_greedy:
+                hits, total = hits + int((pred == np.array(cont)).sum()), total + len(cont)
+            else:
+                nll, n = nll + s, n + len(cont)
+    return _summary(nll, n, hits, total)
+
+
+def measure_gguf(path: str | os.PathLike, batch: list[Probe], n_ctx: int = 2048) -> dict:
+    """Perplexity on held-out responses and teacher-forced greedy agreement with the HF model, run by llama.cpp."""
+    from llama_cpp import Llama
+
+    path = read_metadata(path)["path"]
+    longest = max(len(p.prompt) + max(len(p.response), len(p.greedy)) for p in batch)
+    llm = Llama(model_path=str(path), n_ctx=max(n_ctx, longest), logits_all=True, verbose=False,
+                n_threads=os.cpu_count(), n_batch=512)
+    nll, n, hits, total = 0.0, 0, 0, 0
+    try:
+        for p in batch:
+            for cont, is_greedy in ((p.response, False), (p.greedy, True)):
+                llm.reset()
+                llm.eval(p.prompt + cont)
+                s, pred = _score(np.asarray(llm.scores[:llm.n_tokens]), len(p.prompt), cont)
+                if is_greedy:
+                    hits, total = hits + int((pred == np.array(cont)).sum()), total + len(cont)
+                else:
+                    nll, n = nll + s, n + len(cont)
+    finally:
+        llm.close()
+    return _summary(nll, n, hits, total)
+
+
+def check_metadata(meta: dict, tokenizer) -> dict:
+    """The GGUF carries the tokenizer's chat template and EOS id, or the served model never stops right."""
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    problems = []
+    if meta["chat_template"] != tokenizer.chat_template:
+        problems.append("chat template differs from the tokenizer's")
+    if meta["eos_token_id"] != eos:
+        problems.append(f"EOS id {meta['eos_token_id']} != tokenizer's {eos} ({tokenizer.eos_token})")
+    return {"chat_template_ok": "chat template differs from the tokenizer's" not in problems,
+            "eos_token_id": meta["eos_token_id"], "eos_ok": meta["eos_token_id"] == eos, "problems": problems}
+
+
+def write_table(rows: list[dict], out: Path) -> Path:
+    """The ladder as JSON rows (paths as strings), written atomically."""
+    from .pipeline import write_json
+
+    return write_json(out, json.loads(json.dumps(rows, default=str)))

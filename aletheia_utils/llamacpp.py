@@ -1,0 +1,107 @@
+"""llama.cpp's own tools, built from the source of the installed llama-cpp-python (06_gguf, 07_serve_cpu).
+
+`aletheia setup-llama-cpp` (run by `make setup`) downloads the source distribution of exactly the installed
+llama-cpp-python version from PyPI, unpacks its `vendor/llama.cpp` into the cache and builds `llama-server`
+there, so the converter, the quantizer (the bindings) and the server never drift apart.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from . import models
+
+PACKAGE = "llama-cpp-python"
+
+
+class SetupMissing(RuntimeError):
+    """llama.cpp's tools are not set up yet."""
+
+
+def version() -> str:
+    return importlib.metadata.version(PACKAGE)
+
+
+def home() -> Path:
+    """Cache folder for this llama-cpp-python version's llama.cpp source and build."""
+    return models.cache_root() / f"llama.cpp-{version()}"
+
+
+def source_dir() -> Path:
+    return home() / "src"
+
+
+def converter() -> Path:
+    """llama.cpp's `convert_hf_to_gguf.py` from the installed version's source."""
+    path = source_dir() / "convert_hf_to_gguf.py"
+    if not path.is_file():
+        raise SetupMissing(f"{path} is missing: run `make setup` (or `aletheia setup-llama-cpp`)")
+    return path
+
+
+def converter_env() -> dict[str, str]:
+    """Environment for the converter: the vendored `gguf-py` first, so it matches the converter."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source_dir() / "gguf-py"), env.get("PYTHONPATH")]))
+    return env
+
+
+def server_binary() -> Path:
+    """llama.cpp's own `llama-server`, built from the same source."""
+    path = home() / "bin" / "llama-server"
+    if not os.access(path, os.X_OK):
+        raise SetupMissing(f"{path} is missing: run `make setup` (or `aletheia setup-llama-cpp`)")
+    return path
+
+
+def fetch() -> Path:
+    """Download the sdist of the installed version and unpack its vendored llama.cpp into `source_dir()`."""
+    if (source_dir() / "CMakeLists.txt").is_file():
+        return source_dir()
+    home().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=home()) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        f"{PACKAGE}=={version()}", "-d", tmp], check=True)
+        (sdist,) = Path(tmp).glob("*.tar.gz")
+        prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            for m in members:
+                m.name = m.name.removeprefix(prefix)
+            tar.extractall(Path(tmp) / "src", members=[m for m in members if m.name], filter="data")
+        os.replace(Path(tmp) / "src", source_dir())
+    return source_dir()
+
+
+def build(jobs: int | None = None) -> Path:
+    """Build `llama-server` for this CPU (cmake); the binary is moved into place only when complete."""
+    target = home() / "bin" / "llama-server"
+    if os.access(target, os.X_OK):
+        return target
+    build_dir = home() / "build"
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise SetupMissing("cmake is not installed; it is needed to build llama-server")
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    subprocess.run([cmake, "-S", str(fetch()), "-B", str(build_dir), *generator, "-DCMAKE_BUILD_TYPE=Release",
+                    "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([cmake, "--build", str(build_dir), "--target", "llama-server", "-j", str(jobs or os.cpu_count())],
+                   check=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(build_dir / "bin" / "llama-server", target.with_suffix(".tmp"))
+    os.replace(target.with_suffix(".tmp"), target)
+    shutil.rmtree(build_dir)
+    return target
+
+
+def setup() -> dict[str, str]:
+    """Fetch the source and build the server if they are not cached yet."""
+    return {"version": version(), "converter": str(fetch() / "convert_hf_to_gguf.py"), "server": str(build())}

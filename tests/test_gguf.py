@@ -1,0 +1,79 @@
+"""GGUF conversion and quantization with llama.cpp's own tools, the per-level checks, and bad inputs."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import aletheia_utils as au
+from aletheia_utils.gguf import GGUFError
+
+ROWS = [{"prompt": "What does fsync do?",
+         "response": "fsync asks the kernel to flush a file's dirty pages and metadata to stable storage."},
+        {"prompt": "Why use a mutex?", "response": "A mutex lets one thread at a time enter a critical section."}]
+
+
+@pytest.fixture(scope="module")
+def hf_dir():
+    return Path(au.models.resolve("embedded:smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="module")
+def f16(hf_dir, tmp_path_factory):
+    return au.gguf.convert(hf_dir, tmp_path_factory.mktemp("gguf") / "model-F16.gguf", "f16")
+
+
+def test_conversion_keeps_template_eos_and_matches_hf(hf_dir, f16):
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    meta = au.gguf.read_metadata(f16)
+    assert meta["architecture"] == "llama" and 15.9 < meta["bpw"] < 16.1
+    check = au.gguf.check_metadata(meta, tokenizer)
+    assert check["chat_template_ok"] and check["eos_ok"] and not check["problems"], check
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    probes = au.gguf.probes(model, tokenizer, ROWS, "chat_template", greedy_tokens=12)
+    hf = au.gguf.measure_hf(model, probes)
+    gguf = au.gguf.measure_gguf(f16, probes)
+    assert hf["greedy_agreement"] == 1.0 and hf["scored_tokens"] == gguf["scored_tokens"] > 20
+    assert abs(gguf["perplexity"] / hf["perplexity"] - 1) < 0.01, (gguf, hf)
+    assert gguf["greedy_agreement"] > 0.9
+
+
+def test_quantize_makes_a_smaller_file_and_leaves_no_partial(f16):
+    out = au.gguf.quantize(f16, f16.with_name("model-Q8_0.gguf"), "Q8_0")
+    meta = au.gguf.read_metadata(out)
+    assert 8 < meta["bpw"] < 9.5 and meta["size_bytes"] < f16.stat().st_size * 0.6
+    assert sorted(p.name for p in f16.parent.iterdir()) == ["model-F16.gguf", "model-Q8_0.gguf"]
+
+
+def test_bad_model_folder(tmp_path, hf_dir):
+    with pytest.raises(GGUFError, match="config.json missing"):
+        au.gguf.convert(tmp_path / "missing", tmp_path / "x.gguf")
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    shutil.copy(hf_dir / "config.json", folder)
+    with pytest.raises(GGUFError, match="no \\*.safetensors"):
+        au.gguf.convert(folder, tmp_path / "x.gguf")
+    assert not list(tmp_path.glob("*.gguf*"))
+
+
+def test_corrupt_weights_fail_conversion_without_output(tmp_path, hf_dir):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(hf_dir, folder)
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:4096])
+    with pytest.raises(GGUFError, match="convert_hf_to_gguf.py failed"):
+        au.gguf.convert(folder, tmp_path / "x.gguf")
+    assert not list(tmp_path.glob("x.gguf*"))
+
+
+def test_unknown_quant_and_truncated_input(tmp_path, f16):
+    with pytest.raises(GGUFError, match="unknown quant type 'Q3_X'"):
+        au.gguf.quantize(f16, tmp_path / "q.gguf", "Q3_X")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(f16.read_bytes()[:5_000_000])
+    with pytest.raises(GGUFError, match="truncated"):
+        au.gguf.quantize(truncated, tmp_path / "q.gguf", "Q4_K_M")
+    with pytest.raises(GGUFError, match="no such GGUF"):
+        au.gguf.read_metadata(tmp_path / "absent.gguf")
+    assert not list(tmp_path.glob("q.gguf*"))
