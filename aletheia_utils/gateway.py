@@ -1,0 +1,703 @@
+"""The OpenAI-compatible gateway in front of one or more model servers (05_serve_vllm).
+
+A small FastAPI app: bearer keys (constant-time compare), a moving-window rate limit per key (`limits`),
+request validation before anything reaches a backend, an output filter that redacts secrets and personal
+data (also in streamed output), least-busy or round-robin balancing with health checks and fail-over,
+Prometheus metrics, and cancellation of the upstream request when the client goes away. Every error has
+OpenAI's shape `{"error": {"message", "type", "param", "code"}}`, so the `openai` client raises its own
+exception classes. Started by `aletheia gateway --config FILE` or, from Python, by `launch(...)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import importlib
+import itertools
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import httpx
+import limits
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException
+
+from . import config as config_mod
+from . import serve
+
+ROUTES = ("/v1/chat/completions", "/v1/completions")
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+Span = tuple[int, int, str]  # start, end, replacement
+
+
+class GatewayError(ValueError):
+    """A gateway that cannot start: bad config file, no keys."""
+
+
+# ---------------------------------------------------------------- config
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Backend(_Strict):
+    url: str = Field(pattern=r"^https?://.+/v1$", description="base URL ending in /v1")
+    model: str | None = Field(None, description="the name this backend knows the model by (default: the public one)")
+    api_key_env: str | None = Field(None, description="environment variable holding this backend's key")
+    health_path: str = "/health"
+
+
+class GatewayConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    model: str = Field(min_length=1, description="the model name clients ask for")
+    context_tokens: int = Field(2048, ge=1, description="upper bound of max_tokens")
+    keys_env: str | None = "ALETHEIA_GATEWAY_KEYS"
+    keys_file: str | None = None
+    rate_limit: str = "60/minute"
+    max_body_bytes: int = Field(1 << 20, ge=256)
+    balance: Literal["least_busy", "round_robin"] = "least_busy"
+    health_interval_s: float = Field(5, gt=0)
+    cooldown_s: float = Field(10, gt=0, description="how long a failed backend stays out before it is probed")
+    connect_timeout_s: float = Field(5, gt=0)
+    request_timeout_s: float = Field(300, gt=0)
+    output_filter: str = Field("pii", description="pii, none, or module:factory returning text -> spans")
+    stream_holdback_chars: int = Field(32, ge=0, description="streamed text held back so a split secret is caught")
+    backends: list[Backend] = Field(min_length=1)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _limit_parses(cls, v):
+        try:
+            limits.parse(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not a rate limit such as '60/minute' or '5 per second'") from None
+        return v
+
+
+def load_config(path: str | os.PathLike) -> GatewayConfig:
+    """Read and validate a gateway YAML file; errors name the file, the key and the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise GatewayError(f"{path}: gateway config not found")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise GatewayError(f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML") from None
+    try:
+        return GatewayConfig.model_validate(tree)
+    except ValidationError as e:
+        raise GatewayError(config_mod._format_errors(str(path), e)) from None
+
+
+def load_keys(cfg: GatewayConfig) -> dict[str, str]:
+    """Key -> its rate limit. Keys come from `keys_env` (comma-separated, the default limit) and `keys_file`
+    (one `KEY [LIMIT]` per line, # comments); at least one, or the gateway fails closed."""
+    keys = {k.strip(): cfg.rate_limit for k in os.environ.get(cfg.keys_env or "", "").split(",") if k.strip()}
+    if cfg.keys_file:
+        try:
+            lines = Path(cfg.keys_file).read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise GatewayError(f"{cfg.keys_file}: cannot read the keys file ({e.strerror})") from None
+        for n, line in enumerate(lines, 1):
+            key, _, limit = line.strip().partition(" ")
+            if not key or key.startswith("#"):
+                continue
+            keys[key] = limit.strip() or cfg.rate_limit
+            try:
+                limits.parse(keys[key])
+            except ValueError:
+                raise GatewayError(f"{cfg.keys_file}:{n}: rate limit {keys[key]!r} is not like '60/minute'") from None
+    if not keys:
+        raise GatewayError(f"no API keys: set {cfg.keys_env} (comma-separated) or keys_file; the gateway fails closed")
+    return keys
+
+
+# ---------------------------------------------------------------- output filter
+
+class PiiFilter:
+    """The default filter: the curation scrubber's recognizers (e-mail, phone, IP, card, API keys) → placeholders."""
+
+    def __init__(self):
+        from . import curate
+
+        self._scrubber, self._names = curate.PiiScrubber(), curate.PII_PLACEHOLDERS
+
+    def __call__(self, text: str) -> list[Span]:
+        return [(r.start, r.end, self._names.get(r.entity_type, "<REDACTED>")) for r in self._scrubber.find(text)]
+
+
+def make_filter(spec: str) -> Callable[[str], list[Span]] | None:
+    """`pii` (default), `none`, or `package.module:factory` whose result maps text to (start, end, replacement)."""
+    if spec == "none":
+        return None
+    if spec == "pii":
+        return PiiFilter()
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)()
+    except (ImportError, AttributeError, ValueError) as e:
+        raise GatewayError(f"output_filter {spec!r}: {e}") from None
+
+
+def redact(text: str, spans: Sequence[Span]) -> str:
+    """Apply non-overlapping spans (earliest first, the longer one on a tie)."""
+    out, pos = [], 0
+    for start, end, replacement in sorted(spans, key=lambda s: (s[0], -s[1])):
+        if start >= pos:
+            out += [text[pos:start], replacement]
+            pos = end
+    return "".join(out) + text[pos:]
+
+
+class StreamRedactor:
+    """Redacts text that arrives in pieces. It holds back the last `holdback` characters (cut at whitespace, never
+    inside a match) and searches with the last `holdback` characters already sent as left context, so a secret split
+    across chunks, or one recognized by what precedes it (`api_key = ...`), is still caught."""
+
+    def __init__(self, find: Callable[[str], list[Span]], holdback: int = 32):
+        self.find, self.holdback, self.sent, self.buffer, self.redactions = find, holdback, "", "", 0
+
+    def _spans(self) -> list[Span]:
+        offset = len(self.sent)
+        return [(max(s - offset, 0), e - offset, r) for s, e, r in self.find(self.sent + self.buffer) if e > offset]
+
+    def feed(self, text: str) -> str:
+        self.buffer += text
+        cut = len(self.buffer) - self.holdback
+        if cut <= 0:
+            return ""
+        space = max(self.buffer.rfind(" ", 0, cut), self.buffer.rfind("\n", 0, cut))
+        cut = space + 1 if space >= 0 else cut
+        spans = self._spans()
+        for start, end, _ in sorted(spans, reverse=True):
+            if start < cut < end:
+                cut = start
+        return self._emit(cut, [s for s in spans if s[1] <= cut])
+
+    def flush(self) -> str:
+        return self._emit(len(self.buffer), self._spans()) if self.buffer else ""
+
+    def _emit(self, cut: int, spans: list[Span]) -> str:
+        head, self.buffer = self.buffer[:cut], self.buffer[cut:]
+        self.sent = (self.sent + head)[-self.holdback:]
+        self.redactions += len(spans)
+        return redact(head, spans)
+
+
+# ---------------------------------------------------------------- errors and validation
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+        self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _content_ok(content) -> bool:
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and bool(content) and all(
+        isinstance(p, dict) and isinstance(p.get("type"), str)
+        and (p["type"] != "text" or isinstance(p.get("text"), str)) for p in content)
+
+
+def validate(body, route: str, cfg: GatewayConfig) -> None:
+    """Raise `ApiError` (400/404) for a request a backend should never see."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    if not isinstance(body.get("model"), str):
+        raise ApiError(400, "'model' is required and must be a string", param="model",
+                       code="missing_required_parameter")
+    if body["model"] != cfg.model:
+        raise ApiError(404, f"The model '{body['model']}' does not exist; this gateway serves '{cfg.model}'",
+                       param="model", code="model_not_found")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None and (type(value) is not int or not 1 <= value <= cfg.context_tokens):
+            raise ApiError(400, f"'{name}' must be an integer in [1, {cfg.context_tokens}], got {value!r}",
+                           param=name, code="invalid_value")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise ApiError(400, "'stream' must be true or false", param="stream", code="invalid_type")
+    if route == "/v1/completions":
+        prompt = body.get("prompt")
+        strings = isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)
+        if not (isinstance(prompt, str) or strings):
+            raise ApiError(400, "'prompt' must be a string or a non-empty list of strings", param="prompt")
+        return
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
+        if m.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}].role must be one of {sorted(ROLES)}, got {m.get('role')!r}",
+                           param=f"messages[{i}].role")
+        tool_call = m["role"] == "assistant" and m.get("tool_calls") and m.get("content") is None
+        if not tool_call and not _content_ok(m.get("content")):
+            raise ApiError(400, f"messages[{i}].content must be a string or a list of content parts",
+                           param=f"messages[{i}].content")
+
+
+# ---------------------------------------------------------------- backends
+
+@dataclass
+class Upstream:
+    url: str
+    model: str
+    key: str | None
+    health_url: str
+    healthy: bool = False
+    retry_at: float = 0.0
+    in_flight: int = 0
+
+
+class Pool:
+    """Backends with health state: a failed one is out for `cooldown_s`, then probed again."""
+
+    def __init__(self, cfg: GatewayConfig, on_health: Callable[[Upstream], None]):
+        self.cfg, self.on_health, self._turn = cfg, on_health, itertools.count()
+        self.backends = [Upstream(b.url, b.model or cfg.model, os.environ.get(b.api_key_env) if b.api_key_env else None,
+                                  b.url.removesuffix("/v1") + b.health_path) for b in cfg.backends]
+
+    def pick(self, exclude: set[str]) -> Upstream | None:
+        live = [b for b in self.backends if b.healthy and b.url not in exclude]
+        if not live:
+            return None
+        turn = next(self._turn)
+        live = live[turn % len(live):] + live[:turn % len(live)]
+        return min(live, key=lambda b: b.in_flight) if self.cfg.balance == "least_busy" else live[0]
+
+    def mark(self, b: Upstream, healthy: bool) -> None:
+        b.healthy, b.retry_at = healthy, 0.0 if healthy else time.monotonic() + self.cfg.cooldown_s
+        self.on_health(b)
+
+    async def probe(self, http) -> None:
+        async def one(b: Upstream):
+            if not b.healthy and time.monotonic() < b.retry_at:
+                return
+            headers = {"Authorization": f"Bearer {b.key}"} if b.key else {}
+            try:
+                answer = await http.get(b.health_url, headers=headers, timeout=self.cfg.connect_timeout_s)
+                ok = answer.status_code == 200
+            except Exception:  # any failure to answer is unhealthy
+                ok = False
+            self.mark(b, ok)
+        await asyncio.gather(*(one(b) for b in self.backends))
+
+
+# ---------------------------------------------------------------- metrics
+
+class Metrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("gateway_requests", "Requests by route and status", ["route", "status"], registry=r)
+        self.latency = Histogram("gateway_request_latency_seconds", "Time to the last byte", ["route"], registry=r,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160))
+        self.ttft = Histogram("gateway_time_to_first_token_seconds", "Time to the first streamed token", registry=r,
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40))
+        self.tokens = Counter("gateway_tokens", "Tokens by direction (from backend usage)", ["direction"], registry=r)
+        self.healthy = Gauge("gateway_backend_healthy", "1 if the backend passes health checks", ["backend"],
+                             registry=r)
+        self.in_flight = Gauge("gateway_backend_in_flight", "Requests open on the backend", ["backend"], registry=r)
+        self.redactions = Counter("gateway_redactions", "Spans the output filter replaced", registry=r)
+        self.upstream_errors = Counter("gateway_upstream_errors", "Backend failures", ["backend"], registry=r)
+        self.cancelled = Counter("gateway_cancelled", "Upstream requests cancelled because the client left", registry=r)
+
+    def usage(self, usage: dict | None) -> None:
+        if isinstance(usage, dict):
+            self.tokens.labels("in").inc(usage.get("prompt_tokens") or 0)
+            self.tokens.labels("out").inc(usage.get("completion_tokens") or 0)
+
+
+class _Observe:
+    """ASGI middleware: every response counted by route and status, latency to its last byte."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in (*ROUTES, "/v1/models", "/health", "/metrics") else "other"
+        start, status = time.perf_counter(), [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.requests.labels(route, str(status[0])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- the app
+
+class ClientGone(Exception):
+    pass
+
+
+class _Disconnect:
+    """Watches the client's connection; `run(aw)` awaits `aw` unless the client leaves first (then cancels it)."""
+
+    def __init__(self, request):
+        self.watch = asyncio.ensure_future(self._wait(request))
+
+    @staticmethod
+    async def _wait(request):
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def run(self, awaitable):
+        work = asyncio.ensure_future(awaitable)
+        await asyncio.wait({work, self.watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(BaseException):
+            await work
+        raise ClientGone
+
+    def close(self):
+        self.watch.cancel()
+
+
+def _hash(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _text_field(route: str, stream: bool) -> tuple[str, str | None]:
+    if route == "/v1/completions":
+        return "text", None
+    return ("delta", "content") if stream else ("message", "content")
+
+
+def _get_text(choice: dict, field: tuple[str, str | None]):
+    outer, inner = field
+    return (choice.get(outer) or {}).get(inner) if inner else choice.get(outer)
+
+
+def _set_text(choice: dict, field: tuple[str, str | None], text: str) -> None:
+    outer, inner = field
+    if inner:
+        choice.setdefault(outer, {})[inner] = text
+    else:
+        choice[outer] = text
+
+
+def _held_back(chunk: dict, field: tuple[str, str | None]) -> bool:
+    """A chunk that only carried text the filter is still holding: nothing to send."""
+    outer, inner = field
+    return bool(chunk.get("choices")) and not chunk.get("usage") and all(
+        _get_text(c, field) == "" and not c.get("finish_reason")
+        and (not inner or set(c.get(outer) or {}) <= {inner}) for c in chunk["choices"])
+
+
+def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable[[str], list[Span]] | None):
+    """The FastAPI app; `keys` maps each accepted bearer key to its rate limit, `output_filter` maps text to
+    (start, end, replacement) spans (None: no filter)."""
+    metrics = Metrics()
+    pool = Pool(cfg, lambda b: metrics.healthy.labels(b.url).set(int(b.healthy)))
+    accepted = [(_hash(k), limits.parse(limit)) for k, limit in keys.items()]
+    limiter = MovingWindowRateLimiter(MemoryStorage())
+    http = httpx.AsyncClient(timeout=httpx.Timeout(cfg.request_timeout_s, connect=cfg.connect_timeout_s),
+                             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async def health_loop():
+            while True:
+                await asyncio.sleep(cfg.health_interval_s)
+                await pool.probe(http)
+        await pool.probe(http)
+        task = asyncio.create_task(health_loop())
+        yield
+        task.cancel()
+        await http.aclose()
+
+    app = FastAPI(title="Aletheia gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Observe, metrics=metrics)
+
+    def error(e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return error(e)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e: HTTPException):
+        return error(ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e: RequestValidationError):
+        return error(ApiError(400, str(e.errors())))
+
+    def authenticate(request: Request) -> tuple[str, limits.RateLimitItem]:
+        header = request.headers.get("authorization", "").strip()
+        if not header:
+            raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        scheme, _, token = header.partition(" ")
+        digest, match = _hash(token.strip()), None
+        for h, limit in accepted:  # no early exit: the time does not depend on which key matched
+            if hmac.compare_digest(digest, h):
+                match = limit
+        if scheme.lower() != "bearer" or match is None:  # the scheme is case-insensitive (RFC 9110 11.1)
+            raise ApiError(401, "Incorrect API key provided", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        return digest.hex()[:16], match
+
+    def rate_limit(key_id: str, limit: limits.RateLimitItem) -> None:
+        if not limiter.hit(limit, key_id):
+            reset = limiter.get_window_stats(limit, key_id).reset_time
+            wait = max(1, math.ceil(reset - time.time()))
+            raise ApiError(429, f"Rate limit reached ({limit} for this key); retry in {wait} s",
+                           type_="requests", code="rate_limit_exceeded", headers={"Retry-After": str(wait)})
+
+    async def read_json(request: Request):
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > cfg.max_body_bytes:
+            raise ApiError(413, f"request body over {cfg.max_body_bytes} bytes", code="request_too_large")
+        raw = bytearray()
+        async for piece in request.stream():
+            raw += piece
+            if len(raw) > cfg.max_body_bytes:
+                raise ApiError(413, f"request body over {cfg.max_body_bytes} bytes", code="request_too_large")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+
+    def backend_error(status: int, raw: bytes) -> ApiError:
+        try:
+            err = json.loads(raw)["error"]
+            message = err["message"] if isinstance(err, dict) else str(err)
+        except (ValueError, KeyError, TypeError):
+            message = raw.decode(errors="replace")[:500] or f"backend answered {status}"
+        return ApiError(status, message, type_="invalid_request_error" if status < 500 else "server_error",
+                        code="backend_error")
+
+    async def open_upstream(route: str, body: dict, gone: _Disconnect):
+        """The first backend that answers 200: (backend, response). Fails over on connection errors and 5xx."""
+        tried: set[str] = set()
+        while (b := pool.pick(tried)) is not None:
+            tried.add(b.url)
+            headers = {"Authorization": f"Bearer {b.key}"} if b.key else {}
+            request = http.build_request("POST", b.url + route.removeprefix("/v1"), headers=headers,
+                                         json={**body, "model": b.model})
+            try:
+                resp = await gone.run(http.send(request, stream=True))
+            except httpx.TimeoutException:
+                raise ApiError(504, f"backend {b.url} did not answer in time", type_="server_error",
+                               code="backend_timeout") from None
+            except httpx.TransportError:
+                metrics.upstream_errors.labels(b.url).inc()
+                pool.mark(b, False)
+                continue
+            if resp.status_code == 200:
+                return b, resp
+            raw = await resp.aread()
+            await resp.aclose()
+            if resp.status_code < 500:
+                raise backend_error(resp.status_code, raw)
+            metrics.upstream_errors.labels(b.url).inc()
+            pool.mark(b, False)
+        raise ApiError(503, "no healthy backend", type_="server_error", code="no_healthy_backend",
+                       headers={"Retry-After": str(math.ceil(cfg.cooldown_s))})
+
+    def filter_choices(chunk: dict, field, redactors: dict, final: bool) -> None:
+        for choice in chunk.get("choices") or []:
+            text = _get_text(choice, field)
+            r = redactors.setdefault(choice.get("index", 0), StreamRedactor(output_filter, cfg.stream_holdback_chars))
+            out = r.feed(text) if isinstance(text, str) else ""
+            if final or choice.get("finish_reason"):
+                out += r.flush()
+            if isinstance(text, str) or out:
+                _set_text(choice, field, out)
+
+    async def complete(route: str, body: dict, gone: _Disconnect) -> JSONResponse:
+        while True:
+            b, resp = await open_upstream(route, body, gone)
+            b.in_flight += 1
+            metrics.in_flight.labels(b.url).set(b.in_flight)
+            try:
+                raw = await gone.run(resp.aread())
+                break
+            except httpx.TransportError:  # nothing reached the client yet: another backend may answer
+                metrics.upstream_errors.labels(b.url).inc()
+                pool.mark(b, False)
+            finally:
+                b.in_flight -= 1
+                metrics.in_flight.labels(b.url).set(b.in_flight)
+                await resp.aclose()
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise ApiError(502, f"backend {b.url} answered with invalid JSON", "server_error",
+                           code="backend_error") from None
+        metrics.usage(data.get("usage"))
+        if output_filter:
+            redactors: dict = {}
+            filter_choices(data, _text_field(route, False), redactors, final=True)
+            metrics.redactions.inc(sum(r.redactions for r in redactors.values()))
+        return JSONResponse(data)
+
+    async def events(resp) -> AsyncIterator[str]:
+        async for line in resp.aiter_lines():
+            if line.startswith("data:"):
+                yield line[5:].strip()
+
+    async def stream(route: str, body: dict, gone: _Disconnect, start: float) -> StreamingResponse:
+        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+        while True:  # until a backend delivers its first event: before that, failing over is safe
+            b, resp = await open_upstream(route, body, gone)
+            it = events(resp)
+            try:
+                first = await gone.run(anext(it))
+                break
+            except (httpx.TransportError, StopAsyncIteration):
+                metrics.upstream_errors.labels(b.url).inc()
+                pool.mark(b, False)
+                await resp.aclose()
+            except ClientGone:
+                await resp.aclose()
+                raise
+        field, redactors = _text_field(route, True), {}
+
+        async def gen():
+            b.in_flight += 1
+            metrics.in_flight.labels(b.url).set(b.in_flight)
+            first_token, payload, ended = True, first, False
+            try:
+                while payload != "[DONE]":
+                    chunk = json.loads(payload)
+                    metrics.usage(chunk.get("usage"))
+                    if output_filter:
+                        filter_choices(chunk, field, redactors, final=False)
+                    if not wants_usage:
+                        chunk.pop("usage", None)
+                    if not _held_back(chunk, field) and (chunk.get("choices") or wants_usage or "error" in chunk):
+                        if first_token and any(_get_text(c, field) for c in chunk.get("choices") or []):
+                            metrics.ttft.observe(time.perf_counter() - start)
+                            first_token = False
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                    payload = await gone.run(anext(it, "[DONE]"))
+                yield "data: [DONE]\n\n"
+                ended = True
+            except httpx.TransportError as e:  # bytes already went out: no retry, tell the client in-band
+                ended = True
+                metrics.upstream_errors.labels(b.url).inc()
+                pool.mark(b, False)
+                yield f"data: {json.dumps(ApiError(502, f'backend failed mid-stream: {e}', 'server_error').body)}\n\n"
+            except ClientGone:
+                pass
+            finally:  # also reached when the server drops the generator because a send to the client failed
+                metrics.cancelled.inc(not ended)
+                metrics.redactions.inc(sum(r.redactions for r in redactors.values()))
+                b.in_flight -= 1
+                metrics.in_flight.labels(b.url).set(b.in_flight)
+                gone.close()
+                await resp.aclose()
+
+        return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def proxy(request: Request, route: str):
+        start = time.perf_counter()
+        rate_limit(*authenticate(request))
+        body = await read_json(request)
+        validate(body, route, cfg)
+        gone = _Disconnect(request)
+        try:
+            if body.get("stream"):
+                return await stream(route, body, gone, start)
+            try:
+                return await complete(route, body, gone)
+            finally:
+                gone.close()
+        except ClientGone:
+            metrics.cancelled.inc()
+            return Response(status_code=499)
+        except BaseException:
+            gone.close()
+            raise
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await proxy(request, "/v1/chat/completions")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await proxy(request, "/v1/completions")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authenticate(request)
+        return {"object": "list", "data": [{"id": cfg.model, "object": "model", "created": 0, "owned_by": "aletheia"}]}
+
+    @app.get("/metrics")
+    async def prometheus(request: Request):
+        authenticate(request)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/health")
+    async def health():
+        healthy = sum(b.healthy for b in pool.backends)
+        return JSONResponse({"status": "ok" if healthy else "no healthy backend", "healthy_backends": healthy,
+                             "backends": len(pool.backends)}, status_code=200 if healthy else 503)
+
+    return app
+
+
+def run(cfg: GatewayConfig) -> None:
+    """Serve the gateway with uvicorn until interrupted (`aletheia gateway --config FILE`)."""
+    import uvicorn
+
+    app = create_app(cfg, load_keys(cfg), make_filter(cfg.output_filter))
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+
+
+def write_config(cfg: GatewayConfig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def launch(cfg: GatewayConfig, keys: Sequence[str], *, config_path: str | os.PathLike | None = None,
+           log_path: str | os.PathLike | None = None, startup_timeout_s: float = 120):
+    """Run `aletheia gateway` in a subprocess (same lifecycle as the model servers): a context manager yielding a
+    `serve.Server` whose key is `keys[0]`. The keys reach the process through `cfg.keys_env`, never argv."""
+    if not keys or not cfg.keys_env:
+        raise GatewayError("launch needs at least one key and cfg.keys_env to pass it in")
+    config_path = config_path or tempfile.mkstemp(prefix="gateway-", suffix=".yaml")[1]
+    write_config(cfg, config_path)
+    cmd = [sys.executable, "-m", "aletheia_utils.cli", "gateway", "--config", config_path]
+    env = {**os.environ, cfg.keys_env: ",".join(keys)}
+    return serve.launch("gateway", cmd, host=cfg.host, port=cfg.port, model=cfg.model, api_key=keys[0],
+                        startup_timeout_s=startup_timeout_s, log_path=log_path, env=env)
