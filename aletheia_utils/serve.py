@@ -215,3 +215,54 @@ def load_test(server: Server, prompts: Sequence[str], *, concurrency: int, reque
         "ttft_p95_s": float(np.percentile(ttft, 95)), "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
         "latencies_s": [r["latency_s"] for r in ok], "errors": [r["error"] for r in results if not r["ok"]][:5],
     }
+
+
+def transformers_server(model_dir: str | os.PathLike, *, host: str = "127.0.0.1", port: int | None = None,
+                        parallel: int = 4, max_model_len: int = 2048, device: str = "cpu",
+                        continuous_batching: bool = True, threads: int | None = None, startup_timeout_s: float = 300,
+                        log_path: str | os.PathLike | None = None):
+    """Hugging Face's own OpenAI-compatible server (`transformers serve`, 05_serve_vllm) pinned to a local model folder.
+
+    With continuous batching its paged KV cache holds `parallel` sequences of `max_model_len` tokens (pages of 256
+    tokens), not "as much as fits": on a CPU that default would claim most of the RAM. Requests name the model by
+    the folder's path (`Server.model`). It has no API key: keep it on loopback behind the gateway. Offline: nothing
+    is fetched from a hub.
+    """
+    model_dir = Path(model_dir).resolve()
+    if not (model_dir / "config.json").is_file():
+        raise ServerError(f"{model_dir}: not a model folder (no config.json)")
+    port = port or free_port(host)
+    cmd = [Path(sys.executable).with_name("transformers"), "serve", model_dir, "--host", host, "--port", port,
+           "--device", device, "--log-level", "warning"]
+    if continuous_batching:
+        cmd += ["--continuous-batching", "--cb-num-blocks", -(-parallel * max_model_len // 256),
+                "--cb-max-batch-tokens", max_model_len]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return launch("transformers-serve", cmd, host=host, port=port, model=str(model_dir), api_key=None,
+                  startup_timeout_s=startup_timeout_s, log_path=log_path, env=env)
+
+
+def vllm_command(model_dir: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, model: str | None = None,
+                 tensor_parallel_size: int = 1, max_model_len: int = 4096,
+                 gpu_memory_utilization: float = 0.9) -> list[str]:
+    """The `vllm serve` command line for a merged model folder; the API key goes in `VLLM_API_KEY`, never argv."""
+    return ["vllm", "serve", str(model_dir), "--host", host, "--port", str(port),
+            "--served-model-name", model or Path(model_dir).name, "--tensor-parallel-size", str(tensor_parallel_size),
+            "--max-model-len", str(max_model_len), "--gpu-memory-utilization", str(gpu_memory_utilization)]
+
+
+def vllm_server(model_dir: str | os.PathLike, *, host: str = "127.0.0.1", port: int | None = None,
+                api_key: str | None = None, model: str | None = None, tensor_parallel_size: int = 1,
+                max_model_len: int = 4096, gpu_memory_utilization: float = 0.9, startup_timeout_s: float = 900,
+                log_path: str | os.PathLike | None = None):
+    """vLLM's OpenAI-compatible server on CUDA (PagedAttention, continuous batching). Needs the `gpu` extra and a
+    GPU: not exercised on the CPU machines this project is tested on."""
+    port = port or free_port(host)
+    cmd = vllm_command(model_dir, host=host, port=port, model=model, tensor_parallel_size=tensor_parallel_size,
+                       max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization)
+    cmd[0] = str(Path(sys.executable).with_name("vllm"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"} | ({"VLLM_API_KEY": api_key} if api_key else {})
+    return launch("vllm", cmd, host=host, port=port, model=cmd[cmd.index("--served-model-name") + 1],
+                  api_key=api_key, startup_timeout_s=startup_timeout_s, log_path=log_path, env=env)
