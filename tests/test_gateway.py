@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -269,7 +270,9 @@ def test_failover_when_a_backend_dies(gguf):
             assert _http(_root(g) + "/health")[0] == 503
 
 
-def test_config_errors_name_file_and_key(tmp_path, monkeypatch):
+def test_example_config_and_errors_naming_file_and_key(tmp_path, monkeypatch):
+    example = gw.load_config(Path(__file__).resolve().parent.parent / "params" / "gateway.yaml")
+    assert len(example.backends) == 2 and example.output_filter == "pii"
     bad = tmp_path / "gw.yaml"
     bad.write_text("model: aletheia\nrate_limit: lots\nbackends: [{url: 'http://127.0.0.1:1/v1'}]\nportt: 1\n")
     with pytest.raises(gw.GatewayError) as caught:
