@@ -356,7 +356,7 @@ class _Observe:
 # ---------------------------------------------------------------- the app
 
 class ClientGone(Exception):
-    pass
+    """The client disconnected before the answer was complete."""
 
 
 class _Disconnect:
@@ -561,7 +561,7 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
         metrics.usage(data.get("usage"))
         if output_filter:
             redactors: dict = {}
-            filter_choices(data, _text_field(route, False), redactors, final=True)
+            await asyncio.to_thread(filter_choices, data, _text_field(route, False), redactors, True)
             metrics.redactions.inc(sum(r.redactions for r in redactors.values()))
         return JSONResponse(data)
 
