@@ -8,7 +8,6 @@ An unknown key, a wrong type or an impossible value raises `ConfigError`, whose 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import re
@@ -159,7 +158,6 @@ class Serve(Section):
     max_model_len: int = Field(4096, ge=16)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     startup_timeout_s: float = Field(300, gt=0)
-    gateway: bool = False
     parallel: int = Field(4, ge=1)  # server slots decoding together (continuous batching)
     load_concurrency: list[PositiveInt] = [1, 4, 8]
     load_requests_per_client: int = Field(2, ge=1)
@@ -266,11 +264,10 @@ def _format_errors(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load(path: str | Path, overrides: dict[str, object] | list[str] | None = None) -> Config:
-    """Read, override and validate a params file; raise `ConfigError` naming file, key and reason."""
-    path = Path(path)
+def read_yaml(path: Path, what: str) -> dict:
+    """A YAML file whose top level is a mapping; `ConfigError` names the file (and line) otherwise."""
     if not path.is_file():
-        raise ConfigError(f"{path}: params file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -279,7 +276,13 @@ def load(path: str | Path, overrides: dict[str, object] | list[str] | None = Non
         raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    tree = copy.deepcopy(tree)
+    return tree
+
+
+def load(path: str | Path, overrides: dict[str, object] | list[str] | None = None) -> Config:
+    """Read, override and validate a params file; raise `ConfigError` naming file, key and reason."""
+    path = Path(path)
+    tree = read_yaml(path, "params file")
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():

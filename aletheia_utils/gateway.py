@@ -95,15 +95,10 @@ class GatewayConfig(_Strict):
 def load_config(path: str | os.PathLike) -> GatewayConfig:
     """Read and validate a gateway YAML file; errors name the file, the key and the reason."""
     path = Path(path)
-    if not path.is_file():
-        raise GatewayError(f"{path}: gateway config not found")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise GatewayError(f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML") from None
-    try:
-        return GatewayConfig.model_validate(tree)
+        return GatewayConfig.model_validate(config_mod.read_yaml(path, "gateway config"))
+    except config_mod.ConfigError as e:
+        raise GatewayError(str(e)) from None
     except ValidationError as e:
         raise GatewayError(config_mod._format_errors(str(path), e)) from None
 

@@ -123,7 +123,7 @@ def probes(model, tokenizer, rows: list[dict], style: str, greedy_tokens: int) -
                          add_special_tokens=False).input_ids
         if full[:len(prompt)] != prompt:
             raise GGUFError("the prompt's tokens are not a prefix of prompt+response; cannot score responses")
-        with torch.no_grad():
+        with torch.inference_mode():
             gen = model.generate(torch.tensor([prompt]), max_new_tokens=greedy_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
         out.append(Probe(prompt, full[len(prompt):], gen[0, len(prompt):].tolist()))
@@ -142,26 +142,16 @@ def _score(logits: np.ndarray, n_prompt: int, continuation: list[int]) -> tuple[
     return -float(lp[np.arange(len(continuation)), continuation].sum()), rows.argmax(-1)
 
 
-def _summary(nll: float, n_tokens: int, hits: int, n_greedy: int) -> dict:
-    return {"perplexity": float(np.exp(nll / n_tokens)), "scored_tokens": n_tokens,
-            "greedy_agreement": hits / n_greedy if n_greedy else float("nan")}
-
-
 def measure_hf(model, batch: list[Probe]) -> dict:
-    """Perplexity and (by construction 1.0) agreement of the HF model itself: the reference row of the table."""
+    """Perplexity of the HF model itself on the same tokens: the reference line of the ladder."""
     import torch
 
-    nll, n, hits, total = 0.0, 0, 0, 0
+    nll, n = 0.0, 0
     for p in batch:
-        for cont, is_greedy in ((p.response, False), (p.greedy, True)):
-            with torch.no_grad():
-                logits = model(torch.tensor([p.prompt + cont])).logits[0].float().numpy()
-            s, pred = _score(logits, len(p.prompt), cont)
-            if is_greedy:
-                hits, total = hits + int((pred == np.array(cont)).sum()), total + len(cont)
-            else:
-                nll, n = nll + s, n + len(cont)
-    return _summary(nll, n, hits, total)
+        with torch.inference_mode():
+            logits = model(torch.tensor([p.prompt + p.response])).logits[0].float().numpy()
+        nll, n = nll + _score(logits, len(p.prompt), p.response)[0], n + len(p.response)
+    return {"perplexity": float(np.exp(nll / n)), "scored_tokens": n}
 
 
 def measure_gguf(path: str | os.PathLike, batch: list[Probe], n_ctx: int = 2048) -> dict:
@@ -185,7 +175,7 @@ def measure_gguf(path: str | os.PathLike, batch: list[Probe], n_ctx: int = 2048)
                     nll, n = nll + s, n + len(cont)
     finally:
         llm.close()
-    return _summary(nll, n, hits, total)
+    return {"perplexity": float(np.exp(nll / n)), "scored_tokens": n, "greedy_agreement": hits / total}
 
 
 def check_metadata(meta: dict, tokenizer) -> dict:

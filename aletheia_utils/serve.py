@@ -112,9 +112,12 @@ def launch(name: str, cmd: Sequence[str], *, host: str, port: int, model: str, a
     log = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
-        process = subprocess.Popen(list(map(str, cmd)), stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True, env=env,
-                                   preexec_fn=_die_with_parent)
+        try:
+            process = subprocess.Popen(list(map(str, cmd)), stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+                                       preexec_fn=_die_with_parent)
+        except FileNotFoundError:
+            raise ServerError(f"{name}: program {cmd[0]} is not installed") from None
     server = Server(name, f"http://{host}:{port}/v1", api_key, model, process, log)
     try:
         deadline = time.monotonic() + startup_timeout_s

@@ -34,7 +34,7 @@ def test_conversion_keeps_template_eos_and_matches_hf(hf_dir, f16):
     probes = au.gguf.probes(model, tokenizer, ROWS, "chat_template", greedy_tokens=12)
     hf = au.gguf.measure_hf(model, probes)
     gguf = au.gguf.measure_gguf(f16, probes)
-    assert hf["greedy_agreement"] == 1.0 and hf["scored_tokens"] == gguf["scored_tokens"] > 20
+    assert hf["scored_tokens"] == gguf["scored_tokens"] > 20
     assert abs(gguf["perplexity"] / hf["perplexity"] - 1) < 0.01, (gguf, hf)
     assert gguf["greedy_agreement"] > 0.9
 

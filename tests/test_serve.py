@@ -109,3 +109,10 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split()[2] != "Z"
+
+
+def test_missing_program_is_a_server_error():
+    with pytest.raises(ServerError, match="not installed"):
+        with au.serve.launch("nothing", ["/nonexistent/server"], host="127.0.0.1", port=au.serve.free_port(),
+                             model="m", api_key=None):
+            pass
