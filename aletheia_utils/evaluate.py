@@ -25,7 +25,7 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 OWN_TASKS = ("aletheia_mc", "aletheia_pref", "aletheia_ppl", "aletheia_humaneval")
 TASK_DATA = {"aletheia_mc": "mc.jsonl", "aletheia_pref": "pref.jsonl", "aletheia_ppl": "ppl.jsonl"}
 LOGLIKELIHOOD = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
-HEADLINE = {"aletheia_mc": "acc_norm", "aletheia_pref": "acc", "aletheia_ppl": "word_perplexity",
+HEADLINE = {"aletheia_mc": "acc_norm", "aletheia_pref": "acc_norm", "aletheia_ppl": "word_perplexity",
             "aletheia_humaneval": "pass@1", "hellaswag": "acc_norm", "truthfulqa_mc2": "acc", "winogrande": "acc",
             "gsm8k": "exact_match", "mbpp": "pass_at_1"}
 
@@ -82,11 +82,11 @@ def mc_rows(rows: list[dict], tokenizer, style: str, seed: int, choices: int = 4
     return out
 
 
-def pref_rows(pairs: list[dict], tokenizer, style: str, max_words: int = 64) -> list[dict]:
-    """Held-out DPO pairs as a 2-way choice: the chosen answer (label 0) against the rejected one."""
+def pref_rows(pairs: list[dict], tokenizer, style: str) -> list[dict]:
+    """Held-out DPO pairs as a 2-way choice: the whole chosen answer (label 0) against the whole rejected one, as
+    DPO compares them (a cut could make a degraded copy identical to its original)."""
     return [{"id": p.get("id", i), "context": curate.format_prompt(p["prompt"], style, tokenizer),
-             "choices": [first_words(p["chosen"], max_words), first_words(p["rejected"], max_words)], "label": 0}
-            for i, p in enumerate(pairs)]
+             "choices": [p["chosen"], p["rejected"]], "label": 0} for i, p in enumerate(pairs)]
 
 
 def build_task_data(eval_file: Path, dpo_val_file: Path, out_dir: Path, *, tokenizer, style: str, seed: int,
@@ -99,7 +99,7 @@ def build_task_data(eval_file: Path, dpo_val_file: Path, out_dir: Path, *, token
     builders = {"aletheia_mc": (eval_file, "sft", lambda rows: mc_rows(rows, tokenizer, style, seed, 4, max_words)),
                 "aletheia_ppl": (eval_file, "sft", lambda rows: [{"id": r.get("id"), "response": r["response"]}
                                                                  for r in rows]),
-                "aletheia_pref": (dpo_val_file, "dpo", lambda rows: pref_rows(rows, tokenizer, style, max_words))}
+                "aletheia_pref": (dpo_val_file, "dpo", lambda rows: pref_rows(rows, tokenizer, style))}
     for task, (path, kind, build) in builders.items():
         target = out_dir / TASK_DATA[task]
         target.unlink(missing_ok=True)  # never leave an earlier run's data behind a failure
@@ -135,8 +135,6 @@ def contamination(task_prompts: dict[str, list[str]], train_files: Sequence[Path
 def plan_tasks(requested: Sequence[str], data_status: dict[str, dict], tm) -> tuple[list[str], dict[str, str]]:
     """(tasks to run, {task: why skipped}): unknown names, own tasks without data, standard tasks whose data or
     metric is not on this machine (each loaded once, offline, to find out)."""
-    from lm_eval.tasks import get_task_dict
-
     run, skipped = [], {}
     for name in dict.fromkeys(requested):
         if name not in tm.all_tasks:
@@ -148,19 +146,17 @@ def plan_tasks(requested: Sequence[str], data_status: dict[str, dict], tm) -> tu
         else:
             try:
                 with offline():
-                    get_task_dict([name], tm)
+                    tm.load([name])
                 run.append(name)
             except Exception as e:  # noqa: BLE001 - any failure to load a task is a reason to skip it
                 skipped[name] = f"not available offline: {reason(e)}"
     return run, skipped
 
 
-def output_type(task: str, tm) -> str:
-    """lm-eval's output type of a task (loglikelihood, multiple_choice, generate_until …)."""
-    from lm_eval.tasks import get_task_dict
-
+def needs_loglikelihood(task: str, tm) -> bool:
+    """Whether a task (or any task of a group) is scored by log-likelihood rather than by generated text."""
     with offline():
-        return get_task_dict([task], tm)[task].OUTPUT_TYPE
+        return any(t.OUTPUT_TYPE in LOGLIKELIHOOD for t in tm.load([task])["tasks"].values())
 
 
 def run_tasks(lm, tasks: Sequence[str], tm, *, limit: int | None, max_gen_toks: int, out: Path,
@@ -176,7 +172,7 @@ def run_tasks(lm, tasks: Sequence[str], tm, *, limit: int | None, max_gen_toks: 
     summary = {}
     for task in tasks:
         why = None
-        if no_loglikelihood and output_type(task, tm) in LOGLIKELIHOOD:
+        if no_loglikelihood and needs_loglikelihood(task, tm):
             why = f"not supported by this backend: {no_loglikelihood}"
         if why is None:
             try:
