@@ -1,7 +1,9 @@
 """DPO with TRL's `DPOTrainer`, starting from the SFT adapter (03_dpo).
 
 The reference model is the SFT policy itself: TRL copies the loaded adapter into a frozen "ref" adapter
-on the same base weights, so no second copy of the model is held in memory.
+on the same base weights, so no second copy of the model is held in memory. Its log-probabilities are computed
+once, before training (`precompute_ref_log_probs`): a step then runs one policy forward per pair instead of a policy
+and a reference forward, and the evaluations before and after training share one reference pass.
 """
 
 from __future__ import annotations
@@ -36,14 +38,15 @@ def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
     val_rows = sft.load_split(data_dir / "dpo_val.jsonl", "dpo")
     if not (adapter / "adapter_config.json").is_file():
         raise sft.TrainingDataError(f"{adapter}: no SFT adapter (run 02_sft first)")
-    model, tokenizer = sft.load_base(cfg.run.base_model, cfg.sft.load_in_8bit)
+    precision = sft.resolve_precision(d.precision)
+    model, tokenizer = sft.load_base(cfg.run.base_model, cfg.sft.load_in_8bit, precision)
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     train_rows, over_train = fit_pairs(train_rows, tokenizer, d.max_seq_length, d.overlong)
     val_rows, over_val = fit_pairs(val_rows, tokenizer, d.max_seq_length, d.overlong)
-    precision = sft.resolve_precision(d.precision)
     args = DPOConfig(**sft.training_args(d, stage / "checkpoints", cfg.run.seed, precision),
-                     beta=d.beta, max_length=d.max_seq_length, eval_strategy="steps", eval_steps=d.eval_steps)
-    trainer_cls = type("CrashSafeDPOTrainer", (sft.CrashSafeMixin, DPOTrainer), {})
+                     beta=d.beta, max_length=d.max_seq_length, eval_strategy="steps", eval_steps=d.eval_steps,
+                     precompute_ref_log_probs=True)
+    trainer_cls = type("CrashSafeDPOTrainer", (sft.CrashSafeMixin, sft.FastStepMixin, DPOTrainer), {})
     trainer = trainer_cls(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(records(train_rows)),
                           eval_dataset=Dataset.from_list(records(val_rows)), processing_class=tokenizer,
                           callbacks=sft.callbacks(stage))

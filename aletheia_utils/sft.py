@@ -42,8 +42,9 @@ def resolve_precision(setting: str) -> str:
     return "bf16" if pipeline.cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
 
 
-def load_base(base_model: str, load_in_8bit: bool = False):
-    """(model, tokenizer): the base in fp32 master weights (bf16 runs as autocast), or 8-bit with bitsandbytes."""
+def load_base(base_model: str, load_in_8bit: bool = False, precision: str = "fp32"):
+    """(model, tokenizer): the base in fp32, or 8-bit with bitsandbytes. For bf16 training the frozen base is held
+    in bf16 (autocast would cast every weight on every step); the LoRA weights PEFT adds stay fp32 master weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -51,7 +52,7 @@ def load_base(base_model: str, load_in_8bit: bool = False):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kwargs = {"dtype": torch.float32}
+    kwargs = {"dtype": torch.bfloat16 if precision == "bf16" and not load_in_8bit else torch.float32}
     if load_in_8bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
@@ -179,6 +180,38 @@ class StopOnSignal(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+# ---------------------------------------------------------------- speed
+
+class FastStepMixin:
+    """Under bf16 autocast the LoRA branch takes the bf16 activations as they come: PEFT would otherwise copy each
+    adapter input to fp32 (its master weights' dtype), and autocast cast it back to bf16 for the matmul."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        from peft.helpers import disable_input_dtype_casting
+
+        with disable_input_dtype_casting(model, active=self.args.bf16):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        from peft.helpers import disable_input_dtype_casting
+
+        with disable_input_dtype_casting(model, active=self.args.bf16):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+
+class PlainLossMixin:
+    """On a CPU, SFT takes transformers' own causal-LM loss (full logits, one cross-entropy) instead of TRL's chunked
+    LM head: that head's torch fallback (Triton is GPU-only) makes a dozen fp32 passes over every logits tile and
+    costs ~3x more, and it also computes the entropy and token accuracy metrics that nothing here reads."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.device.type != "cpu":
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from transformers import Trainer
+
+        return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
 
 
 # ---------------------------------------------------------------- crash-safe checkpoints
@@ -352,14 +385,14 @@ def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
     if s.init_adapter and not (Path(s.init_adapter) / "adapter_config.json").is_file():
         raise TrainingDataError(f"sft.init_adapter: {s.init_adapter} is not an adapter folder "
                                 "(no adapter_config.json)")
-    model, tokenizer = load_base(cfg.run.base_model, s.load_in_8bit)
+    precision = resolve_precision(s.precision)
+    model, tokenizer = load_base(cfg.run.base_model, s.load_in_8bit, precision)
     check_target_modules(model, s.lora.target_modules)
     style = cfg.data.prompt_format
     train_rows, over_train = fit_to_length(train_rows, tokenizer, style, s.max_seq_length, s.overlong)
     val_rows, over_val = fit_to_length(val_rows, tokenizer, style, s.max_seq_length, s.overlong)
     if not train_rows:
         raise TrainingDataError(f"no training rows fit max_seq_length={s.max_seq_length}")
-    precision = resolve_precision(s.precision)
     peft_config = None
     if s.init_adapter:
         model = PeftModel.from_pretrained(model, s.init_adapter, is_trainable=True)
@@ -368,7 +401,7 @@ def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
     args = SFTConfig(**training_args(s, stage / "checkpoints", cfg.run.seed, precision),
                      max_length=s.max_seq_length, packing=s.packing, completion_only_loss=s.completion_only_loss,
                      eval_strategy="steps" if val_rows else "no", eval_steps=s.eval_steps)
-    trainer_cls = type("CrashSafeSFTTrainer", (CrashSafeMixin, SFTTrainer), {})
+    trainer_cls = type("CrashSafeSFTTrainer", (CrashSafeMixin, PlainLossMixin, FastStepMixin, SFTTrainer), {})
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(sft_records(train_rows, style)),
                           eval_dataset=Dataset.from_list(sft_records(val_rows, style)) if val_rows else None,
                           processing_class=tokenizer, peft_config=peft_config,

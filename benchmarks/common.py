@@ -1,0 +1,107 @@
+"""Shared plumbing of the benchmark scripts (README "Performance"): the machine they ran on, a scratch run folder
+that reuses a finished run's curated data, timing, and the results JSON + bar chart in `benchmarks/results/`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import aletheia_utils as au
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_RUN = ROOT / "runs" / "default-check"
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+
+
+def machine() -> dict:
+    """CPU model, cores, the flags that decide bf16 speed, library versions and the load average now."""
+    import torch
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor())
+    flags = au.pipeline.cpu_flags()
+    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "flags": {f: f in flags for f in FLAGS}, "versions": au.pipeline.versions(),
+            "load_average_1_5_15": list(os.getloadavg())}
+
+
+def source_run(path: str | None) -> Path:
+    """The finished run whose curated data (and adapters) a benchmark reuses; a clear error if it is missing."""
+    run = Path(path) if path else DEFAULT_RUN
+    if not (run / "01_curate" / "sft.jsonl").is_file():
+        raise SystemExit(f"{run}: no 01_curate/sft.jsonl; run `aletheia run --params params/default.yaml "
+                         f"--run-name default-check --to 03_dpo` first or pass --run-dir")
+    return run
+
+
+@contextmanager
+def scratch_run(source: Path, *stages: str):
+    """A temporary run folder whose `stages` (e.g. 01_curate) link to `source`'s; removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="aletheia-bench-"))
+    try:
+        for stage in stages:
+            (root / stage).symlink_to(source / stage, target_is_directory=True)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class Timer:
+    """`with Timer() as t: ...` then `t.s` holds the wall seconds and `t.cpu_s` this process's CPU seconds (less
+    sensitive than wall time to other programs sharing the cores)."""
+
+    def __enter__(self):
+        self._start, self._cpu, self.s, self.cpu_s = time.perf_counter(), time.process_time(), None, None
+        return self
+
+    def __exit__(self, *exc):
+        self.s, self.cpu_s = time.perf_counter() - self._start, time.process_time() - self._cpu
+
+
+def shown(row: dict) -> dict:
+    """Print a variant's result (without its per-step lists) as it finishes, and free the memory it held."""
+    import gc
+
+    print({k: v for k, v in row.items() if not isinstance(v, list)}, flush=True)
+    gc.collect()
+    return row
+
+
+def stock_batches(per_device: int, accumulation: int) -> tuple[int, int]:
+    """TRL's default micro-batch (8 rows) with gradient accumulation keeping the project's effective batch."""
+    effective = per_device * accumulation
+    micro = next(b for b in range(min(8, effective), 0, -1) if effective % b == 0)
+    return micro, effective // micro
+
+
+def write(name: str, result: dict, bars: dict[str, float], ylabel: str) -> Path:
+    """`benchmarks/results/<name>.json` with the machine (load average at the end too) and `<name>.png`: one bar
+    per variant of `bars` (variant -> value)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **result,
+              "load_average_at_end": list(os.getloadavg())}
+    path = au.pipeline.write_json(RESULTS / f"{name}.json", result)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    labels, values = list(bars), list(bars.values())
+    ax.barh(labels, values, color=["#999999"] * (len(values) - 1) + ["#2a6fdb"])
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.3g} ({v / values[0]:.1f}×)", va="center")
+    ax.set_xlabel(ylabel)
+    ax.set_xlim(0, max(values) * 1.3)
+    ax.set_title(f"{name} — {result['machine']['cpu']}, {result['machine']['cores']} cores", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    plt.close(fig)
+    return path

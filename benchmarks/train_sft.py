@@ -1,0 +1,128 @@
+"""SFT tokens/s, side by side in one run: TRL's `SFTTrainer` with stock settings vs the project's 02_sft path
+(`au.sft.build_trainer`), on the same curated rows, the same LoRA config and the same optimizer settings.
+
+    .venv/bin/python benchmarks/train_sft.py [--steps 8] [--run-dir runs/default-check]
+
+Both train `--steps` optimizer steps from the same seed on the same batches; the training losses per step and the
+validation loss afterwards are compared (same result, faster). Writes benchmarks/results/train_sft.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+
+import common
+import torch
+
+import aletheia_utils as au
+
+
+def stock_trainer(cfg, rows, bf16: bool):
+    """`SFTTrainer` as its docs show it: the fp32 checkpoint, a `peft_config`, default `SFTConfig` except for the
+    settings that define the optimization and the data (the project's values; the default micro-batch of 8 rows,
+    capped at the project's effective batch, with accumulation making up the rest)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    s = cfg.sft
+    micro, accumulation = common.stock_batches(s.per_device_batch_size, s.gradient_accumulation_steps)
+    torch.manual_seed(cfg.run.seed)  # as before the project's build: the same LoRA initialisation
+    model, tok = au.sft.load_base(cfg.run.base_model)
+    args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="stock-sft-"), use_cpu=True, bf16=bf16, report_to="none",
+                     per_device_train_batch_size=micro, per_device_eval_batch_size=micro,
+                     gradient_accumulation_steps=accumulation, learning_rate=s.learning_rate,
+                     lr_scheduler_type=s.lr_scheduler, warmup_steps=s.warmup_ratio, weight_decay=s.weight_decay,
+                     max_steps=s.max_steps, logging_steps=1, save_strategy="no", seed=cfg.run.seed,
+                     data_seed=cfg.run.seed, max_length=s.max_seq_length, packing=s.packing,
+                     completion_only_loss=s.completion_only_loss, include_num_input_tokens_seen=True)
+    data = Dataset.from_list(au.sft.sft_records(rows, "chat_template"))
+    return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                      peft_config=au.sft.lora_config(s.lora))
+
+
+def project_trainer(cfg, run_root):
+    """`au.sft.build_trainer` as 02_sft calls it; only its periodic evaluation and checkpoints are switched off
+    (transformers evaluates and saves after the last step), so both variants time the same training."""
+    from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
+    torch.manual_seed(cfg.run.seed)
+    trainer, _ = au.sft.build_trainer(cfg, au.pipeline.RunPaths.for_run(cfg, run_root))
+    trainer.args.eval_strategy, trainer.args.save_strategy = IntervalStrategy.NO, SaveStrategy.NO
+    return trainer
+
+
+def measure(name: str, build, val_dataset) -> dict:
+    """Train, then evaluate on the validation rows; tokens/s counts the real (unpadded) input tokens."""
+    with common.Timer() as built:
+        trainer = build()
+    lora_a = next(p for n, p in trainer.model.named_parameters() if "lora_A" in n)
+    init_checksum = float(lora_a.detach().double().sum())
+    load = list(common.os.getloadavg())
+    with common.Timer() as trained:
+        output = trainer.train()
+    with common.Timer() as evaluated:
+        val = trainer.evaluate(eval_dataset=val_dataset)
+    tokens = trainer.state.num_input_tokens_seen
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    row = {"variant": name, "build_s": built.s, "train_s": trained.s, "train_cpu_s": trained.cpu_s,
+           "micro_batch": trainer.args.per_device_train_batch_size,
+           "gradient_accumulation": trainer.args.gradient_accumulation_steps,
+           "trainer_runtime_s": output.metrics["train_runtime"],
+           "tokens": tokens, "tokens_per_s": tokens / trained.s,
+           "tokens_per_cpu_s": tokens / trained.cpu_s, "steps": trainer.state.global_step,
+           "loss_per_step": losses, "train_loss": output.training_loss, "val_loss": val["eval_loss"],
+           "val_s": evaluated.s, "precision": "bf16" if trainer.args.bf16 else "fp32",
+           "lora_A_init_checksum": init_checksum, "load_average_before": load}
+    return common.shown(row)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--val-rows", type=int, default=16, help="validation rows scored after training")
+    parser.add_argument("--run-dir", default=None, help="finished run whose 01_curate data is used")
+    parser.add_argument("--variants", default="stock,project", help="also: stock-bf16 (stock with bf16=True)")
+    args = parser.parse_args()
+    source = common.source_run(args.run_dir)
+    machine = common.machine()
+    cfg = au.config.load(common.ROOT / "params" / "default.yaml", {"sft.max_steps": args.steps, "sft.logging_steps": 1})
+    from datasets import Dataset
+
+    _, tok = au.sft.load_base(cfg.run.base_model)
+    rows, _ = au.sft.fit_to_length(au.sft.load_split(source / "01_curate" / "sft.jsonl", "sft"), tok, "chat_template",
+                                   cfg.sft.max_seq_length, cfg.sft.overlong)
+    val_rows, _ = au.sft.fit_to_length(au.sft.load_split(source / "01_curate" / "sft_val.jsonl", "sft"), tok,
+                                       "chat_template", cfg.sft.max_seq_length, cfg.sft.overlong)
+    val = Dataset.from_list(au.sft.sft_records(val_rows[:args.val_rows], "chat_template"))
+    rows_out = []
+    with common.scratch_run(source, "01_curate") as run_root:
+        builders = {"stock": lambda: stock_trainer(cfg, rows, bf16=False),
+                    "stock-bf16": lambda: stock_trainer(cfg, rows, bf16=True),
+                    "project": lambda: project_trainer(cfg, run_root)}
+        for name in args.variants.split(","):
+            rows_out.append(measure(name, builders[name], val))
+    base = rows_out[0]
+    for r in rows_out:
+        r["speedup_vs_" + base["variant"]] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["cpu_speedup_vs_" + base["variant"]] = r["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
+        pairs = zip(r["loss_per_step"], base["loss_per_step"], strict=True)
+        r["max_abs_step_loss_diff"] = max(abs(a - b) for a, b in pairs)
+        r["val_loss_diff"] = r["val_loss"] - base["val_loss"]
+    assert len({r["tokens"] for r in rows_out}) == 1, "every variant must train on the same tokens"
+    assert all(math.isfinite(r["val_loss"]) for r in rows_out)
+    summary = {r["variant"]: {"tokens_per_s": round(r["tokens_per_s"], 1),
+                              "speedup": round(r["speedup_vs_" + base["variant"]], 2),
+                              "cpu_time_speedup": round(r["cpu_speedup_vs_" + base["variant"]], 2),
+                              "train_loss": round(r["train_loss"], 4), "val_loss": round(r["val_loss"], 4)}
+               for r in rows_out}
+    print(summary)
+    common.write("train_sft", {"machine": machine, "source_run": str(source), "steps": args.steps,
+                               "tokens_per_step": rows_out[0]["tokens"] / args.steps, "summary": summary,
+                               "variants": rows_out},
+                 {r["variant"]: r["tokens_per_s"] for r in rows_out}, "SFT tokens/s (higher is better)")
+
+
+if __name__ == "__main__":
+    main()
