@@ -110,24 +110,38 @@ class Probe:
     greedy: list[int]
 
 
-def probes(model, tokenizer, rows: list[dict], style: str, greedy_tokens: int) -> list[Probe]:
+def probes(model, tokenizer, rows: list[dict], style: str, greedy_tokens: int, batch_size: int = 8) -> list[Probe]:
     """Tokenize held-out (prompt, response) rows once; the HF model's greedy answer is the agreement target."""
-    import torch
-
     from . import curate
 
-    out = []
+    prompts, responses = [], []
     for row in rows:
         prompt = tokenizer(curate.format_prompt(row["prompt"], style, tokenizer), add_special_tokens=False).input_ids
         full = tokenizer(curate.format_example(row["prompt"], row["response"], style, tokenizer),
                          add_special_tokens=False).input_ids
         if full[:len(prompt)] != prompt:
             raise GGUFError("the prompt's tokens are not a prefix of prompt+response; cannot score responses")
-        with torch.inference_mode():
-            gen = model.generate(torch.tensor([prompt]), max_new_tokens=greedy_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        out.append(Probe(prompt, full[len(prompt):], gen[0, len(prompt):].tolist()))
-    return out
+        prompts.append(prompt)
+        responses.append(full[len(prompt):])
+    greedy = [g for i in range(0, len(prompts), batch_size)
+              for g in _greedy(model, tokenizer, prompts[i:i + batch_size], greedy_tokens)]
+    return [Probe(*t) for t in zip(prompts, responses, greedy, strict=True)]
+
+
+def _greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of a left-padded batch, each cut after its first EOS."""
+    import torch
+
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad)[:, width:].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    return [seq[:next((i + 1 for i, t in enumerate(seq) if t in eos), len(seq))] for seq in out]
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
