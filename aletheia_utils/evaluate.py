@@ -432,6 +432,9 @@ def write_report(paths: pipeline.RunPaths, metrics: dict, figures: dict, section
     links to every stage's HTML copy); each file written to a temporary name and renamed into place."""
     report = paths.root / "report"
     report.mkdir(parents=True, exist_ok=True)
+    for old in report.glob("*.png"):  # a figure this run did not draw must not survive from an earlier one
+        if old.stem not in figures:
+            old.unlink()
     for name, fig in figures.items():
         tmp = report / f".{name}.tmp-{os.getpid()}.png"
         fig.savefig(tmp, dpi=110)

@@ -192,10 +192,12 @@ def test_report_tables_links_and_no_invented_scores(tmp_path):
     missing = ev.not_run({"hellaswag": "not available offline"}, {"sft": "not evaluated: no adapter"}, results)
     assert [r["item"] for r in missing] == ["hellaswag", "sft", "gguf / aletheia_mc"]
     fig = au.plots.task_scores(results, ev.HEADLINE)
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "quant_ladder.png").write_bytes(b"from an earlier run")
     report = ev.write_report(paths, {"lm_eval": results}, {"task_scores": fig}, {"Scores": table, "Not run": missing})
     plt.close(fig)
     summary = (report / "summary.md").read_text()
     assert "| aletheia_mc | acc_norm | 0.250 ± 0.100 | — |" in summary and "no echo" in summary
     assert "[01_curate](../html/01_curate.html)" in summary and (report / "task_scores.png").stat().st_size > 1000
     assert json.loads((report / "metrics.json").read_text())["lm_eval"] == results
-    assert not list(report.glob(".*tmp*"))
+    assert not list(report.glob(".*tmp*")) and not (report / "quant_ladder.png").exists()
