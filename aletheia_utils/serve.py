@@ -155,14 +155,16 @@ def llama_cpp_python_server(gguf: str | os.PathLike, *, host: str = "127.0.0.1",
                             api_key: str | None = None, ctx_size: int = 2048, threads: int | None = None,
                             model: str | None = None, startup_timeout_s: float = 120,
                             log_path: str | os.PathLike | None = None):
-    """llama-cpp-python's own server (`python -m llama_cpp.server`): one model, requests served one at a time."""
+    """llama-cpp-python's own server (`python -m llama_cpp.server`): one model, requests queued and served one at a
+    time."""
     gguf = check_gguf(gguf)
     port = port or free_port(host)
     model = model or gguf.stem
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", host, "--port", port,
-           "--model_alias", model, "--n_ctx", ctx_size, "--n_threads", threads or os.cpu_count()]
+           "--model_alias", model, "--n_ctx", ctx_size, "--n_threads", threads or os.cpu_count(),
+           "--interrupt_requests=false"]  # queue requests; by default a new request cuts the running stream short
     if api_key:
-        cmd += ["--api_key", api_key]
+        cmd.append(f"--api_key={api_key}")  # one token: a key may start with "-"
     return launch("llama-cpp-python", cmd, host=host, port=port, model=model, api_key=api_key,
                   health_path="/v1/models", startup_timeout_s=startup_timeout_s, log_path=log_path)
 
@@ -175,7 +177,7 @@ def client(server: Server, timeout: float = 120, max_retries: int = 0) -> openai
 
 def _one_request(api: openai.OpenAI, model: str, prompt: str, max_tokens: int) -> dict:
     start = time.perf_counter()
-    ttft, tokens, chunks = None, None, 0
+    ttft, tokens, chunks, finish = None, None, 0, None
     try:
         stream = api.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                              max_tokens=max_tokens, temperature=0, stream=True,
@@ -184,12 +186,17 @@ def _one_request(api: openai.OpenAI, model: str, prompt: str, max_tokens: int) -
             if chunk.choices and chunk.choices[0].delta.content:
                 ttft = ttft if ttft is not None else time.perf_counter() - start
                 chunks += 1
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
             if chunk.usage:
                 tokens = chunk.usage.completion_tokens
     except openai.APITimeoutError as e:
         return {"ok": False, "timeout": True, "latency_s": time.perf_counter() - start, "error": str(e)}
     except openai.OpenAIError as e:
         return {"ok": False, "timeout": False, "latency_s": time.perf_counter() - start, "error": str(e)}
+    if finish is None:
+        return {"ok": False, "timeout": False, "latency_s": time.perf_counter() - start,
+                "error": "the stream ended without a finish_reason (cut short)"}
     return {"ok": True, "timeout": False, "latency_s": time.perf_counter() - start, "ttft_s": ttft,
             "tokens": tokens if tokens is not None else chunks}
 

@@ -39,6 +39,11 @@ def test_smoke_run_executes_every_stage(smoke_run):
     for s in STAGES:
         assert json.loads((run_dir / "metrics" / f"{s}.json").read_text())["stage"] == s
     assert "[1/8] 01_curate: running" in proc.stdout and "[8/8] 08_evaluate: done" in proc.stdout
+    for s in STAGES:
+        assert json.loads((run_dir / "metrics" / f"{s}.json").read_text()).get("implemented") is True, s
+    ladder = json.loads((run_dir / "06_gguf" / "quants.json").read_text())
+    assert [r["level"] for r in ladder] == ["F16", "Q8_0", "Q4_K_M"] and all(r["perplexity"] > 1 for r in ladder)
+    assert "win_rate" in (run_dir / "report" / "summary.md").read_text()
 
 
 @pytest.mark.slow

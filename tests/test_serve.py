@@ -116,3 +116,12 @@ def test_missing_program_is_a_server_error():
         with au.serve.launch("nothing", ["/nonexistent/server"], host="127.0.0.1", port=au.serve.free_port(),
                              model="m", api_key=None):
             pass
+
+
+def test_stock_server_queues_concurrent_streams(gguf):
+    """llama-cpp-python's server, the baseline of 07's load test: concurrent streams are queued, none cut short."""
+    with au.serve.llama_cpp_python_server(gguf, api_key=KEY, ctx_size=512) as stock:
+        result = au.serve.load_test(stock, ["What is a mutex?", "What is DNS?"], concurrency=2, requests=2,
+                                    max_tokens=6)
+    assert result["ok"] == 2 and result["error_rate"] == 0, result["errors"]
+    assert stock.process.poll() is not None
