@@ -80,7 +80,10 @@ def main() -> None:
     parser.add_argument("--val-pairs", type=int, default=8, help="held-out pairs evaluated before and after")
     parser.add_argument("--run-dir", default=None, help="finished run whose 01_curate pairs and SFT adapter are used")
     parser.add_argument("--variants", default="stock,project")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     source = common.source_run(args.run_dir)
     machine = common.machine()
     cfg = au.config.load(common.ROOT / "params" / "default.yaml", {

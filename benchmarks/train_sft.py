@@ -19,8 +19,9 @@ import torch
 import aletheia_utils as au
 
 
-def stock_trainer(cfg, rows, bf16: bool):
-    """`SFTTrainer` as its docs show it: the fp32 checkpoint, a `peft_config`, default `SFTConfig` except for the
+def stock_trainer(cfg, rows, bf16: bool | None):
+    """`SFTTrainer` as its docs show it: the fp32 checkpoint, a `peft_config`, default `SFTConfig` (bf16 autocast
+    unless `bf16=False`) except for the
     settings that define the optimization and the data (the project's values; the default micro-batch of 8 rows,
     capped at the project's effective batch, with accumulation making up the rest)."""
     from datasets import Dataset
@@ -83,8 +84,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--val-rows", type=int, default=16, help="validation rows scored after training")
     parser.add_argument("--run-dir", default=None, help="finished run whose 01_curate data is used")
-    parser.add_argument("--variants", default="stock,project", help="also: stock-bf16 (stock with bf16=True)")
+    parser.add_argument("--variants", default="stock,project", help="also: stock-fp32 (stock with bf16=False)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     source = common.source_run(args.run_dir)
     machine = common.machine()
     cfg = au.config.load(common.ROOT / "params" / "default.yaml", {"sft.max_steps": args.steps, "sft.logging_steps": 1})
@@ -98,8 +102,8 @@ def main() -> None:
     val = Dataset.from_list(au.sft.sft_records(val_rows[:args.val_rows], "chat_template"))
     rows_out = []
     with common.scratch_run(source, "01_curate") as run_root:
-        builders = {"stock": lambda: stock_trainer(cfg, rows, bf16=False),
-                    "stock-bf16": lambda: stock_trainer(cfg, rows, bf16=True),
+        builders = {"stock": lambda: stock_trainer(cfg, rows, bf16=None),
+                    "stock-fp32": lambda: stock_trainer(cfg, rows, bf16=False),
                     "project": lambda: project_trainer(cfg, run_root)}
         for name in args.variants.split(","):
             rows_out.append(measure(name, builders[name], val))
