@@ -25,10 +25,10 @@ def pick_gguf(run, cfg) -> tuple[str, str]:
     return str(au.models.embedded_gguf(cfg.run.base_model.removeprefix("embedded:"))), "embedded base Q4_1"
 
 
-def llama_cpp(gguf: str, prompts: list[str], max_tokens: int) -> dict:
+def llama_cpp(gguf: str, prompts: list[str], max_tokens: int, threads: int) -> dict:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=os.cpu_count(), seed=0, verbose=False)
+    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, seed=0, verbose=False)
     try:
         llm.create_chat_completion([{"role": "user", "content": "warm up"}], max_tokens=8, temperature=0.0)
         tokens = 0
@@ -64,7 +64,9 @@ def main() -> None:
     parser.add_argument("--run-dir", default=None, help="finished run with 04_merge/model (and 06_gguf)")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for torch and llama.cpp")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     run = common.source_run(args.run_dir)
     cfg = au.config.load(common.ROOT / "params" / "default.yaml")
     merged = run / "04_merge" / "model"
@@ -75,7 +77,7 @@ def main() -> None:
     machine = common.machine()
     variants = {"transformers generate fp32": hf_generate(str(merged), prompts, args.max_tokens, torch.float32),
                 "transformers generate bf16": hf_generate(str(merged), prompts, args.max_tokens, torch.bfloat16),
-                f"llama.cpp {gguf_kind.split(' (')[0]}": llama_cpp(gguf, prompts, args.max_tokens)}
+                f"llama.cpp {gguf_kind.split(' (')[0]}": llama_cpp(gguf, prompts, args.max_tokens, args.threads)}
     base = next(iter(variants.values()))["tokens_per_s"]
     for name, v in variants.items():
         v["speedup_vs_transformers_fp32"] = v["tokens_per_s"] / base
