@@ -140,6 +140,7 @@ class SFT(Train):
 
 class DPO(Train):
     beta: float = Field(0.1, gt=0)
+    sft_weight: float = Field(0.0, ge=0)  # > 0: add the chosen answers' NLL, weighted (RPO), to the DPO loss
     eval_steps: int = Field(50, ge=1)
 
 

@@ -508,37 +508,29 @@ def degrade(answer: str, topic: str, rng: random.Random) -> tuple[str, str]:
             "configuration, so check the documentation and try a few settings until it works."), how
 
 
-def base_model_answers(prompts: list[str], base_model: str, max_tokens: int, seed: int) -> list[str]:
-    """The base model's own greedy answers: llama.cpp on the embedded GGUF (fast on CPU), else
-    transformers `generate` in batches (a production model on GPU)."""
-    from . import models
+def base_model_answers(prompts: list[str], base_model: str, max_tokens: int, threads: int | None = None,
+                       parallel: int = 4) -> list[str]:
+    """The base model's own greedy answers: for the embedded GGUF, llama.cpp's `llama-server` decoding `parallel`
+    prompts together (continuous batching, the fast path on a CPU); else transformers `generate` in batches (a
+    production model on GPU)."""
+    from . import evaluate, models, serve
 
     if base_model.startswith("embedded:"):
-        from llama_cpp import Llama
-
         gguf = models.embedded_gguf(base_model.removeprefix("embedded:"))
-        llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=os.cpu_count(), seed=seed, verbose=False)
-        try:
-            return [llm.create_chat_completion([{"role": "user", "content": p}], max_tokens=max_tokens,
-                                               temperature=0.0)["choices"][0]["message"]["content"].strip()
-                    for p in prompts]
-        finally:
-            llm.close()
+        with serve.llama_server(gguf, parallel=parallel, threads=threads) as server:
+            answers = evaluate.server_answers(server, prompts, max_tokens, concurrency=parallel)
+            failed = [p for p, a in zip(prompts, answers, strict=True) if a is None]
+            if failed:
+                raise RuntimeError(f"llama-server failed {len(failed)} of {len(prompts)} base-model answers (first: "
+                                   f"{failed[0][:80]!r}); last lines of its log:\n{server.log_tail()}")
+        return answers
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = models.load(base_model, dtype=torch.bfloat16 if device == "cuda" else None, device=device)
-    tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    out = []
-    for i in range(0, len(prompts), 16):
-        texts = [format_prompt(p, "chat_template", tok) for p in prompts[i:i + 16]]
-        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with torch.no_grad():
-            gen = model.generate(**batch, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        out += [t.strip() for t in tok.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
-    return out
+    return evaluate.generate(model, tok, prompts, "chat_template", max_tokens)
 
 
 def dpo_pairs(rows: list[dict], rejected: list[tuple[str, str]]) -> list[dict]:
@@ -547,11 +539,12 @@ def dpo_pairs(rows: list[dict], rejected: list[tuple[str, str]]) -> list[dict]:
             for r, (text, how) in zip(rows, rejected, strict=True) if text.strip() and text.strip() != r["answer"]]
 
 
-def preference_pairs(rows: list[dict], source: str, base_model: str, max_tokens: int, seed: int) -> list[dict]:
+def preference_pairs(rows: list[dict], source: str, base_model: str, max_tokens: int, seed: int,
+                     threads: int | None = None) -> list[dict]:
     """DPO pairs for `rows`: the curated answer is chosen; rejected is the base model's own answer
     (`source="base_model"`) or a degraded copy of the curated one (`"degraded"`)."""
     if source == "base_model":
-        answers = base_model_answers([r["question"] for r in rows], base_model, max_tokens, seed)
+        answers = base_model_answers([r["question"] for r in rows], base_model, max_tokens, threads)
         return dpo_pairs(rows, [(a, "base_model") for a in answers])
     rng = random.Random(seed)
     return dpo_pairs(rows, [degrade(r["answer"], r["topic"], rng) for r in rows])

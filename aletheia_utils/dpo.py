@@ -43,9 +43,10 @@ def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     train_rows, over_train = fit_pairs(train_rows, tokenizer, d.max_seq_length, d.overlong)
     val_rows, over_val = fit_pairs(val_rows, tokenizer, d.max_seq_length, d.overlong)
+    losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, d.sft_weight]} if d.sft_weight else {}
     args = DPOConfig(**sft.training_args(d, stage / "checkpoints", cfg.run.seed, precision),
                      beta=d.beta, max_length=d.max_seq_length, eval_strategy="steps", eval_steps=d.eval_steps,
-                     precompute_ref_log_probs=True)
+                     precompute_ref_log_probs=True, **losses)
     trainer_cls = type("CrashSafeDPOTrainer", (sft.CrashSafeMixin, sft.FastStepMixin, DPOTrainer), {})
     trainer = trainer_cls(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(records(train_rows)),
                           eval_dataset=Dataset.from_list(records(val_rows)), processing_class=tokenizer,
@@ -53,7 +54,8 @@ def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
     trainer.fingerprint = sft.fingerprint(d.model_dump(), cfg.run.base_model, cfg.run.seed, files=(
         data_dir / "dpo.jsonl", data_dir / "dpo_val.jsonl", adapter / "adapter_model.safetensors"))
     info = {"train_pairs": len(train_rows), "validation_pairs": len(val_rows), "precision": precision,
-            "beta": d.beta, "overlong": {"policy": d.overlong, "train": over_train, "validation": over_val},
+            "beta": d.beta, "sft_weight": d.sft_weight,
+            "overlong": {"policy": d.overlong, "train": over_train, "validation": over_val},
             "adapters": list(trainer.model.peft_config)}
     return trainer, info
 

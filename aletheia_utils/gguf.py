@@ -52,7 +52,7 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, outtype: str =
     return out
 
 
-def quantize(src: str | os.PathLike, out: str | os.PathLike, level: str) -> Path:
+def quantize(src: str | os.PathLike, out: str | os.PathLike, level: str, threads: int | None = None) -> Path:
     """Quantize `src` to `level` (e.g. Q4_K_M) with llama.cpp's `llama_model_quantize`."""
     import llama_cpp
 
@@ -62,7 +62,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, level: str) -> Path
     src, out = read_metadata(src)["path"], Path(out)
     tmp = out.with_name(out.name + ".partial")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = ftype, os.cpu_count() or 1
+    params.ftype, params.nthread = ftype, threads or os.cpu_count() or 1
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
@@ -168,20 +168,23 @@ def measure_hf(model, batch: list[Probe]) -> dict:
     return {"perplexity": float(np.exp(nll / n)), "scored_tokens": n}
 
 
-def measure_gguf(path: str | os.PathLike, batch: list[Probe], n_ctx: int = 2048) -> dict:
-    """Perplexity on held-out responses and teacher-forced greedy agreement with the HF model, run by llama.cpp."""
+def measure_gguf(path: str | os.PathLike, batch: list[Probe], n_ctx: int = 2048, threads: int | None = None) -> dict:
+    """Perplexity on held-out responses and teacher-forced greedy agreement with the HF model, run by llama.cpp.
+    Each prompt is evaluated once: its KV cache is kept and only the continuation after it is re-evaluated."""
     from llama_cpp import Llama
 
     path = read_metadata(path)["path"]
     longest = max(len(p.prompt) + max(len(p.response), len(p.greedy)) for p in batch)
     llm = Llama(model_path=str(path), n_ctx=max(n_ctx, longest), logits_all=True, verbose=False,
-                n_threads=os.cpu_count(), n_batch=512)
+                n_threads=threads or os.cpu_count(), n_batch=512)
     nll, n, hits, total = 0.0, 0, 0, 0
     try:
         for p in batch:
+            llm.reset()
+            llm.eval(p.prompt)
             for cont, is_greedy in ((p.response, False), (p.greedy, True)):
-                llm.reset()
-                llm.eval(p.prompt + cont)
+                llm.n_tokens = len(p.prompt)  # eval() drops the KV cache after n_tokens: the prompt's stays
+                llm.eval(cont)
                 s, pred = _score(np.asarray(llm.scores[:llm.n_tokens]), len(p.prompt), cont)
                 if is_greedy:
                     hits, total = hits + int((pred == np.array(cont)).sum()), total + len(cont)

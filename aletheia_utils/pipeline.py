@@ -79,6 +79,16 @@ def device_report() -> dict[str, object]:
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 
 
+def use_threads(cfg: config_mod.Config) -> int:
+    """The CPU threads this stage's engines use: `run.threads` (torch is set to it here), else torch's own choice
+    (one per physical core, which is also llama.cpp's). Fewer threads than cores can be faster on a shared CPU."""
+    import torch
+
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    return torch.get_num_threads()
+
+
 def write_json(path: Path, data) -> Path:
     """Write JSON atomically (temporary name, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,25 @@ def shown(row: dict) -> dict:
     return row
 
 
+def profile(train, top: int = 12) -> dict:
+    """Run `train()` under torch.profiler: the operators with the most self CPU time and their share of it (what
+    bounds a step, measured rather than guessed)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof, Timer() as t:
+        train()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    result = {"wall_s": t.s, "self_cpu_s": total / 1e6,
+              "top_ops": [{"op": e.key, "calls": e.count, "self_cpu_s": round(e.self_cpu_time_total / 1e6, 3),
+                           "share": round(e.self_cpu_time_total / total, 3)} for e in ranked]}
+    for row in result["top_ops"]:
+        print(f"  {row['share']:6.1%}  {row['self_cpu_s']:8.2f} s  {row['calls']:7d}  {row['op']}")
+    return result
+
+
 def stock_batches(per_device: int, accumulation: int) -> tuple[int, int]:
     """TRL's default micro-batch (8 rows) with gradient accumulation keeping the project's effective batch."""
     effective = per_device * accumulation
@@ -82,9 +101,18 @@ def stock_batches(per_device: int, accumulation: int) -> tuple[int, int]:
     return micro, effective // micro
 
 
-def write(name: str, result: dict, bars: dict[str, float], ylabel: str) -> Path:
-    """`benchmarks/results/<name>.json` with the machine (load average at the end too) and `<name>.png`: one bar
-    per variant of `bars` (variant -> value)."""
+def pick_gguf(run: Path, cfg) -> tuple[Path, str]:
+    """The run's 06_gguf/model-<serve_quant>.gguf when it exists, else the embedded model's own GGUF (same
+    architecture and size as the merged model)."""
+    tuned = au.gguf.gguf_path(run / "06_gguf", cfg.gguf.serve_quant)
+    if tuned.is_file():
+        return tuned, f"tuned {cfg.gguf.serve_quant} (06_gguf)"
+    return au.models.embedded_gguf(cfg.run.base_model.removeprefix("embedded:")), "embedded base Q4_1"
+
+
+def write(name: str, result: dict, bars: dict[str, float], ylabel: str, figure=None) -> Path:
+    """`benchmarks/results/<name>.json` with the machine (load average at the end too) and `<name>.png`: `figure`
+    if given, else one bar per variant of `bars` (variant -> value)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,6 +121,10 @@ def write(name: str, result: dict, bars: dict[str, float], ylabel: str) -> Path:
     result = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **result,
               "load_average_at_end": list(os.getloadavg())}
     path = au.pipeline.write_json(RESULTS / f"{name}.json", result)
+    if figure is not None:
+        figure.savefig(RESULTS / f"{name}.png", dpi=110)
+        plt.close(figure)
+        return path
     fig, ax = plt.subplots(figsize=(6, 3.2))
     labels, values = list(bars), list(bars.values())
     ax.barh(labels, values, color=["#999999"] * (len(values) - 1) + ["#2a6fdb"])

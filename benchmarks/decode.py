@@ -18,13 +18,6 @@ import torch
 import aletheia_utils as au
 
 
-def pick_gguf(run, cfg) -> tuple[str, str]:
-    tuned = run / "06_gguf" / f"model-{cfg.gguf.serve_quant}.gguf"
-    if tuned.is_file():
-        return str(tuned), f"tuned {cfg.gguf.serve_quant} (06_gguf)"
-    return str(au.models.embedded_gguf(cfg.run.base_model.removeprefix("embedded:"))), "embedded base Q4_1"
-
-
 def llama_cpp(gguf: str, prompts: list[str], max_tokens: int, threads: int) -> dict:
     from llama_cpp import Llama
 
@@ -73,16 +66,16 @@ def main() -> None:
     if not (merged / "config.json").is_file():
         raise SystemExit(f"{merged}: no merged model; run the pipeline to 04_merge first")
     prompts = [r["prompt"] for r in au.sft.load_split(run / "01_curate" / "eval.jsonl", "sft")[:args.prompts]]
-    gguf, gguf_kind = pick_gguf(run, cfg)
+    gguf, gguf_kind = common.pick_gguf(run, cfg)
     machine = common.machine()
     variants = {"transformers generate fp32": hf_generate(str(merged), prompts, args.max_tokens, torch.float32),
                 "transformers generate bf16": hf_generate(str(merged), prompts, args.max_tokens, torch.bfloat16),
-                f"llama.cpp {gguf_kind.split(' (')[0]}": llama_cpp(gguf, prompts, args.max_tokens, args.threads)}
+                f"llama.cpp {gguf_kind.split(' (')[0]}": llama_cpp(str(gguf), prompts, args.max_tokens, args.threads)}
     base = next(iter(variants.values()))["tokens_per_s"]
     for name, v in variants.items():
         v["speedup_vs_transformers_fp32"] = v["tokens_per_s"] / base
         print(name, {k: round(x, 2) for k, x in v.items()}, flush=True)
-    common.write("decode", {"machine": machine, "gguf": gguf, "gguf_kind": gguf_kind, "merged_model": str(merged),
+    common.write("decode", {"machine": machine, "gguf": str(gguf), "gguf_kind": gguf_kind, "merged_model": str(merged),
                             "prompts": len(prompts), "max_tokens": args.max_tokens, "variants": variants},
                  {k: v["tokens_per_s"] for k, v in variants.items()}, "single-stream decode tokens/s")
 

@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--run-dir", default=None, help="finished run whose 01_curate pairs and SFT adapter are used")
     parser.add_argument("--variants", default="stock,project")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--profile", action="store_true", help="then profile the project's training once more")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,7 +94,7 @@ def main() -> None:
     fit = lambda name, n: au.dpo.fit_pairs(au.sft.load_split(source / "01_curate" / name, "dpo"), tok,  # noqa: E731
                                           cfg.dpo.max_seq_length, cfg.dpo.overlong)[0][:n]
     rows, val_rows = fit("dpo.jsonl", args.pairs), fit("dpo_val.jsonl", args.val_pairs)
-    results = []
+    results, profiled = [], None
     with common.scratch_run(source, "02_sft") as run_root:
         data = run_root / "01_curate"  # the project path reads exactly these pairs
         data.mkdir()
@@ -103,6 +104,8 @@ def main() -> None:
                     "project": lambda: project_trainer(cfg, run_root)}
         for name in args.variants.split(","):
             results.append(measure(name, builders[name], len(rows), len(val_rows)))
+        if args.profile:
+            profiled = common.profile(project_trainer(cfg, run_root).train)
     base = results[0]
     for r in results:
         r["speedup_vs_" + base["variant"]] = r["pairs_per_s"] / base["pairs_per_s"]
@@ -114,7 +117,8 @@ def main() -> None:
                   "stage_speedup": round(r["stage_speedup_vs_" + base["variant"]], 2),
                   "cpu_time_speedup": round(r["cpu_speedup_vs_" + base["variant"]], 2)} for r in results}
     print(summary)
-    common.write("train_dpo", {"machine": machine, "source_run": str(source), "summary": summary, "variants": results},
+    common.write("train_dpo", {"machine": machine, "source_run": str(source), "summary": summary, "variants": results,
+                             "profile_project": profiled},
                  {r["variant"]: r["pairs_per_s"] for r in results}, "DPO pairs/s (higher is better)")
 
 

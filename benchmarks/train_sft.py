@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--run-dir", default=None, help="finished run whose 01_curate data is used")
     parser.add_argument("--variants", default="stock,project", help="also: stock-fp32 (stock with bf16=False)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--profile-steps", type=int, default=0, help="then profile this many project steps")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,13 +101,16 @@ def main() -> None:
     val_rows, _ = au.sft.fit_to_length(au.sft.load_split(source / "01_curate" / "sft_val.jsonl", "sft"), tok,
                                        "chat_template", cfg.sft.max_seq_length, cfg.sft.overlong)
     val = Dataset.from_list(au.sft.sft_records(val_rows[:args.val_rows], "chat_template"))
-    rows_out = []
+    rows_out, profiled = [], None
     with common.scratch_run(source, "01_curate") as run_root:
         builders = {"stock": lambda: stock_trainer(cfg, rows, bf16=None),
                     "stock-fp32": lambda: stock_trainer(cfg, rows, bf16=False),
                     "project": lambda: project_trainer(cfg, run_root)}
         for name in args.variants.split(","):
             rows_out.append(measure(name, builders[name], val))
+        if args.profile_steps:
+            short = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"max_steps": args.profile_steps})})
+            profiled = common.profile(project_trainer(short, run_root).train)
     base = rows_out[0]
     for r in rows_out:
         r["speedup_vs_" + base["variant"]] = r["tokens_per_s"] / base["tokens_per_s"]
@@ -124,7 +128,7 @@ def main() -> None:
     print(summary)
     common.write("train_sft", {"machine": machine, "source_run": str(source), "steps": args.steps,
                                "tokens_per_step": rows_out[0]["tokens"] / args.steps, "summary": summary,
-                               "variants": rows_out},
+                               "variants": rows_out, "profile_project": profiled},
                  {r["variant"]: r["tokens_per_s"] for r in rows_out}, "SFT tokens/s (higher is better)")
 
 

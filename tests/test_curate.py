@@ -172,3 +172,15 @@ def test_funnel_table():
     f.remove("too_short", 3)
     f.remove("near_duplicate", 2)
     assert f.rows_out == 5 and f.table()[-1] == {"step": "near_duplicate", "removed": 2, "remaining": 5}
+
+
+def test_base_model_rejections_are_greedy_answers_from_llama_server_slots():
+    rows = [{**GOOD, "id": f"t-{i}", "question": q} for i, q in enumerate(
+        ["What is a mutex?", "What does fsync do?", "What is a TCP handshake?"])]
+    pairs = curate.preference_pairs(rows, "base_model", "embedded:smollm2-135m-instruct", max_tokens=12, seed=0,
+                                    threads=1)
+    assert [p["rejected_source"] for p in pairs] == ["base_model"] * 3
+    assert all(p["rejected"].strip() and p["rejected"] != p["chosen"] for p in pairs)
+    again = curate.base_model_answers([r["question"] for r in rows], "embedded:smollm2-135m-instruct", 12,
+                                      threads=1, parallel=1)
+    assert again == [p["rejected"] for p in pairs]  # greedy: batching the slots does not change the answers

@@ -84,6 +84,24 @@ def test_dpo_needs_the_sft_adapter(tmp_path):
         build(params, run_dir, dpo.build_trainer)
 
 
+def test_dpo_sft_weight_adds_the_chosen_answers_nll(tmp_path):
+    params, run_dir = make_run(tmp_path, {"sft.max_steps": 1}, n_train=4)
+    trainer, _ = build(params, run_dir)
+    sft.fit(trainer, run_dir / "02_sft" / "checkpoints")
+    sft.save_adapter(trainer, trainer.processing_class, run_dir / "02_sft" / "adapter")
+    pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "It depends."} for r in corpus_rows(3)]
+    for name in ("dpo.jsonl", "dpo_val.jsonl"):
+        curate.write_jsonl(run_dir / "01_curate" / name, pairs)
+    losses = {}
+    for weight in (0.0, 1.0):
+        cfg = config.load(params, {"dpo.sft_weight": weight})
+        trainer, info = dpo.build_trainer(cfg, pipeline.RunPaths.for_run(cfg, run_dir))
+        assert info["sft_weight"] == weight
+        losses[weight] = trainer.evaluate()["eval_loss"]
+    assert losses[0.0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference: the DPO loss is log 2
+    assert losses[1.0] - losses[0.0] > 1.0, losses  # + the chosen answers' per-token NLL (a few nats)
+
+
 def test_lora_trains_on_an_8bit_base(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.load_in_8bit": True, "sft.max_steps": 1, "sft.precision": "fp32"},
                                n_train=4)
