@@ -184,6 +184,7 @@ class GGUF(Section):
 
 class Eval(Section):
     tasks: list[str] = []
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # of the HF models; auto as in training
     limit: int | None = Field(default=None, ge=1)
     num_prompts: int = Field(50, ge=1)
     max_new_tokens: int = Field(256, ge=1)
