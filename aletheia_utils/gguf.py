@@ -198,13 +198,12 @@ def measure_gguf(path: str | os.PathLike, batch: list[Probe], n_ctx: int = 2048,
 def check_metadata(meta: dict, tokenizer) -> dict:
     """The GGUF carries the tokenizer's chat template and EOS id, or the served model never stops right."""
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
-    problems = []
-    if meta["chat_template"] != tokenizer.chat_template:
-        problems.append("chat template differs from the tokenizer's")
-    if meta["eos_token_id"] != eos:
+    template_ok, eos_ok = meta["chat_template"] == tokenizer.chat_template, meta["eos_token_id"] == eos
+    problems = [] if template_ok else ["chat template differs from the tokenizer's"]
+    if not eos_ok:
         problems.append(f"EOS id {meta['eos_token_id']} != tokenizer's {eos} ({tokenizer.eos_token})")
-    return {"chat_template_ok": "chat template differs from the tokenizer's" not in problems,
-            "eos_token_id": meta["eos_token_id"], "eos_ok": meta["eos_token_id"] == eos, "problems": problems}
+    return {"chat_template_ok": template_ok, "eos_token_id": meta["eos_token_id"], "eos_ok": eos_ok,
+            "problems": problems}
 
 
 def write_table(rows: list[dict], out: Path) -> Path:
