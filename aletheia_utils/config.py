@@ -182,15 +182,41 @@ class GGUF(Section):
         return self
 
 
+class Sampling(Section):
+    """llama-server's repetition controls, sent with every request (see `generation`)."""
+
+    repeat_penalty: float = Field(1.0, ge=1.0, le=2.0, description="token-level; 1.0 = off")
+    repeat_last_n: int = Field(64, ge=0, description="tokens the repeat penalty looks back over")
+    dry_multiplier: float = Field(0.0, ge=0, description="DRY sequence-repetition penalty; 0 = off")
+    dry_base: float = Field(1.75, ge=1.0)
+    dry_allowed_length: int = Field(2, ge=1, description="a repeat longer than this is penalized")
+
+
+class Generation(Section):
+    """How every compared model answers in 08: greedy through llama-server, one sampler setting, one token limit."""
+
+    max_new_tokens: int = Field(320, ge=1, description="covers the references (100-200 words); a cut answer is counted")
+    sampling: Sampling = Sampling()
+
+
 class Eval(Section):
     tasks: list[str] = []
+    skip_tasks: dict[str, str] = Field({}, description="task -> why it is not run (reported under 'not run')")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # of the HF models; auto as in training
     limit: int | None = Field(default=None, ge=1)
     num_prompts: int = Field(50, ge=1)
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1, description="lm-eval's generation tasks (max_gen_toks)")
+    generation: Generation = Generation()
     bootstrap_samples: int = Field(1000, ge=10)
     choice_max_words: int = Field(64, ge=1, description="words kept of each answer in the choice tasks")
     tie_margin: float = Field(0.02, ge=0, lt=1, description="score gap below which two answers tie")
+
+    @field_validator("skip_tasks")
+    @classmethod
+    def _skip_has_reasons(cls, v):
+        if blank := [task for task, why in v.items() if not why.strip()]:
+            raise ValueError(f"give the reason for skipping {', '.join(blank)}")
+        return v
 
 
 class Config(Section):

@@ -510,27 +510,27 @@ def degrade(answer: str, topic: str, rng: random.Random) -> tuple[str, str]:
 
 def base_model_answers(prompts: list[str], base_model: str, max_tokens: int, threads: int | None = None,
                        parallel: int = 4) -> list[str]:
-    """The base model's own greedy answers: for the embedded GGUF, llama.cpp's `llama-server` decoding `parallel`
-    prompts together (continuous batching, the fast path on a CPU); else transformers `generate` in batches (a
-    production model on GPU)."""
-    from . import evaluate, models, serve
+    """The base model's own greedy answers (no repetition penalty: its loops are what DPO should reject): for the
+    embedded GGUF, llama.cpp's `llama-server` decoding `parallel` prompts together (continuous batching, the fast
+    path on a CPU); else transformers `generate` in batches (a production model on GPU)."""
+    from . import generation, models, serve
 
     if base_model.startswith("embedded:"):
         gguf = models.embedded_gguf(base_model.removeprefix("embedded:"))
         with serve.llama_server(gguf, parallel=parallel, threads=threads) as server:
-            answers = evaluate.server_answers(server, prompts, max_tokens, concurrency=parallel)
+            answers = generation.server_answers(server, prompts, max_new_tokens=max_tokens, concurrency=parallel)
             failed = [p for p, a in zip(prompts, answers, strict=True) if a is None]
             if failed:
                 raise RuntimeError(f"llama-server failed {len(failed)} of {len(prompts)} base-model answers (first: "
                                    f"{failed[0][:80]!r}); last lines of its log:\n{server.log_tail()}")
-        return answers
+        return [a.text for a in answers]
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = models.load(base_model, dtype=torch.bfloat16 if device == "cuda" else None, device=device)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return evaluate.generate(model, tok, prompts, "chat_template", max_tokens)
+    return [a.text for a in generation.hf_answers(model, tok, prompts, "chat_template", max_new_tokens=max_tokens)]
 
 
 def dpo_pairs(rows: list[dict], rejected: list[tuple[str, str]]) -> list[dict]:

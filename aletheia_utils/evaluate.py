@@ -1,4 +1,5 @@
-"""lm-eval on base, SFT, DPO and the served GGUF; base-vs-tuned answers compared; the quality report (08_evaluate).
+"""lm-eval on base, SFT, DPO and the served GGUF; their answers compared pair by pair (paired differences with
+bootstrap intervals, a verdict, a win rule); the quality report (08_evaluate).
 
 The project's own lm-eval tasks ship as YAML in `aletheia_utils/tasks/`. Their data is built per run into the
 stage folder from the held-out splits and reaches the task loaders as TaskManager metadata (`data_dir`). Every
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import curate, pipeline, sft
+from . import curate, generation, pipeline, sft
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 OWN_TASKS = ("aletheia_mc", "aletheia_pref", "aletheia_ppl", "aletheia_humaneval")
@@ -132,13 +133,17 @@ def contamination(task_prompts: dict[str, list[str]], train_files: Sequence[Path
 
 # ---------------------------------------------------------------- lm-eval
 
-def plan_tasks(requested: Sequence[str], data_status: dict[str, dict], tm) -> tuple[list[str], dict[str, str]]:
-    """(tasks to run, {task: why skipped}): unknown names, own tasks without data, standard tasks whose data or
-    metric is not on this machine (each loaded once, offline, to find out)."""
-    run, skipped = [], {}
-    for name in dict.fromkeys(requested):
+def plan_tasks(requested: Sequence[str], data_status: dict[str, dict], tm,
+               skip: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(tasks to run, {task: why skipped}): unknown names, tasks the params skip (`skip`: task -> reason), own tasks
+    without data, standard tasks whose data or metric is not on this machine (each loaded once, offline, to find
+    out)."""
+    run, skipped, skip = [], {}, skip or {}
+    for name in dict.fromkeys([*requested, *skip]):
         if name not in tm.all_tasks:
             skipped[name] = f"lm-eval does not know a task named {name!r}"
+        elif name in skip:
+            skipped[name] = f"skipped by eval.skip_tasks: {skip[name]}"
         elif "error" in data_status.get(name, {}):
             skipped[name] = f"no task data: {data_status[name]['error']}"
         elif name in OWN_TASKS:
@@ -253,48 +258,6 @@ def server_lm(server, tokenizer: str | Path, *, concurrency: int, max_length: in
 
 # ---------------------------------------------------------------- answers and their comparison
 
-def generate(model, tokenizer, prompts: Sequence[str], style: str, max_new_tokens: int,
-             batch_size: int = 16) -> list[str]:
-    """Greedy answers in left-padded batches, prompted in the training format."""
-    import torch
-
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            texts = [curate.format_prompt(p, style, tokenizer) for p in prompts[i:i + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            with torch.no_grad():
-                ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            out += [t.strip() for t in tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:],
-                                                               skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
-    return out
-
-
-def server_answers(server, prompts: Sequence[str], max_tokens: int, concurrency: int,
-                   timeout: float = 120) -> list[str | None]:
-    """Greedy chat answers from an OpenAI-compatible server (None where a request failed)."""
-    import openai
-
-    from . import serve
-
-    api = serve.client(server, timeout=timeout)
-
-    def one(prompt: str) -> str | None:
-        try:
-            r = api.chat.completions.create(model=server.model, messages=[{"role": "user", "content": prompt}],
-                                            max_tokens=max_tokens, temperature=0)
-            return (r.choices[0].message.content or "").strip()
-        except openai.OpenAIError:
-            return None
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(one, prompts))
-
-
 _FENCE = re.compile(r"```.*?(?:```|$)", re.S)
 _LIST = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+\S", re.M)
 _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+\S", re.M)
@@ -307,28 +270,41 @@ def shape(text: str) -> dict[str, int]:
             "code_blocks": len(_FENCE.findall(text)), "headings": len(_HEADING.findall(prose))}
 
 
-def answer_metrics(answers: Sequence[str | None], references: Sequence[str], embed) -> list[dict | None]:
-    """Per answer: its shape, ROUGE-L F1 against the reference (rouge_score) and the cosine similarity of their
-    sentence embeddings (the curation embedder). None where there is no answer."""
+def repeated_ngrams(text: str, n: int = 4) -> float:
+    """The share of an answer's word n-grams that repeat an earlier n-gram of the same answer (0 = no loop)."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def answer_metrics(answers: Sequence[generation.Answer | None], references: Sequence[str],
+                   embed) -> list[dict | None]:
+    """Per answer: its shape, ROUGE-L F1 against the reference (rouge_score), the cosine similarity of their
+    sentence embeddings (the curation embedder), whether it ended on its own, its repeated 4-grams and its length
+    relative to the reference's (words). None where there is no answer."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     done = [i for i, a in enumerate(answers) if a is not None]
-    vectors = embed([answers[i] for i in done] + [references[i] for i in done]) if done else np.zeros((0, 1))
+    vectors = embed([answers[i].text for i in done] + [references[i] for i in done]) if done else np.zeros((0, 1))
     out: list[dict | None] = [None] * len(answers)
     for k, i in enumerate(done):
-        cosine = float(vectors[k] @ vectors[len(done) + k])
-        out[i] = {**shape(answers[i]), "rouge_l": scorer.score(references[i], answers[i])["rougeL"].fmeasure,
-                  "embed_sim": cosine}
+        text = answers[i].text
+        out[i] = {**shape(text), "rouge_l": scorer.score(references[i], text)["rougeL"].fmeasure,
+                  "embed_sim": float(vectors[k] @ vectors[len(done) + k]), "ended": float(answers[i].ended),
+                  "repeated_4grams": repeated_ngrams(text), "tokens": answers[i].tokens,
+                  "length_ratio": len(text.split()) / max(1, len(references[i].split()))}
     return out
 
 
 def summarize(metrics: Sequence[dict | None]) -> dict[str, float | int]:
-    """Means over the answered prompts, and the share of answers with each kind of structure."""
+    """Means over the answered prompts (`ended` is the share that ended on their own), and the share of answers
+    with each kind of structure."""
     rows = [m for m in metrics if m is not None]
     if not rows:
         return {"answered": 0}
-    mean = {k: float(np.mean([m[k] for m in rows])) for k in ("words", "rouge_l", "embed_sim")}
+    mean = {k: float(np.mean([m[k] for m in rows]))
+            for k in ("rouge_l", "embed_sim", "ended", "repeated_4grams", "words", "length_ratio")}
     share = {f"share_{k}": float(np.mean([m[k] > 0 for m in rows])) for k in ("list_items", "code_blocks", "headings")}
     return {"answered": len(rows), **mean, **share}
 
@@ -336,6 +312,12 @@ def summarize(metrics: Sequence[dict | None]) -> dict[str, float | int]:
 WIN_RULE = ("A beats B on a prompt when A's answer is closer to the reference than B's on BOTH ROUGE-L and embedding "
             "similarity, each by more than the tie margin; B beats A the same way; anything else is a tie. "
             "Win rate = (wins + ties/2) / prompts, with a bootstrap 95% interval over prompts.")
+COMPARED = ("rouge_l", "embed_sim", "ended", "repeated_4grams", "length_ratio")  # paired differences, per pair
+VERDICT_METRICS = ("rouge_l", "embed_sim")  # both intervals above 0: "better"
+MIN_PROMPTS = 20  # below this a percentile bootstrap interval is too narrow to carry a verdict
+LEAD_METRICS = ("rouge_l", "embed_sim", "ended", "repeated_4grams")  # the report's opening table
+METRIC_NAMES = {"rouge_l": "ROUGE-L", "embed_sim": "embedding similarity", "ended": "ended on its own",
+                "repeated_4grams": "repeated 4-grams", "length_ratio": "length / reference"}
 
 
 def outcomes(a: Sequence[dict | None], b: Sequence[dict | None], margin: float) -> list[int]:
@@ -344,7 +326,7 @@ def outcomes(a: Sequence[dict | None], b: Sequence[dict | None], margin: float) 
     for x, y in zip(a, b, strict=True):
         if x is None or y is None:
             continue
-        d = [x[k] - y[k] for k in ("rouge_l", "embed_sim")]
+        d = [x[k] - y[k] for k in VERDICT_METRICS]
         out.append(1 if all(v > margin for v in d) else -1 if all(v < -margin for v in d) else 0)
     return out
 
@@ -361,29 +343,105 @@ def win_rate(results: Sequence[int], samples: int, seed: int) -> dict:
             "losses": int((r < 0).sum()), "win_rate": float(points.mean()), "ci_low": float(lo), "ci_high": float(hi)}
 
 
-def agreement(a: Sequence[str | None], b: Sequence[str | None]) -> dict:
+def paired_differences(a: Sequence[dict | None], b: Sequence[dict | None], keys: Sequence[str] = COMPARED,
+                       samples: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Per metric, over the prompts both models answered: the mean per-prompt difference A − B and its percentile
+    bootstrap 95% interval (prompts drawn with replacement; the same draws for every metric)."""
+    both = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    if not both:
+        return {k: {"prompts": 0} for k in keys}
+    d = np.array([[x[k] - y[k] for k in keys] for x, y in both], dtype=float)  # prompts × metrics
+    draws = np.random.default_rng(seed).integers(0, len(both), size=(samples, len(both)))
+    lo, hi = np.percentile(d[draws].mean(axis=1), [2.5, 97.5], axis=0)
+    return {k: {"mean": float(d[:, j].mean()), "ci_low": float(lo[j]), "ci_high": float(hi[j]), "prompts": len(both)}
+            for j, k in enumerate(keys)}
+
+
+def interval(d: dict) -> str:
+    """`+0.012 [+0.004, +0.020]`: a paired difference and its 95% interval."""
+    return f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+
+
+def verdict(a: str, b: str, differences: dict[str, dict]) -> dict[str, str]:
+    """Whether A beats B on these prompts: "better" when the 95% intervals of the ROUGE-L and of the
+    embedding-similarity difference both lie above 0, "worse" when both lie below 0, otherwise (or on fewer than
+    `MIN_PROMPTS` prompts) "not shown"; with one plain-language line that gives the numbers."""
+    d = [differences.get(k, {}) for k in VERDICT_METRICS]
+    if not all(x.get("prompts") for x in d):
+        return {"verdict": "not shown", "line": f"{a} vs {b}: **not shown**: no prompt was answered by both."}
+    above, below = [x["ci_low"] > 0 for x in d], [x["ci_high"] < 0 for x in d]
+    if d[0]["prompts"] < MIN_PROMPTS:
+        word, why = "not shown", f"a verdict needs at least {MIN_PROMPTS} prompts"
+    elif all(above):
+        word, why = "better", f"{a}'s answers are closer to the references than {b}'s on both metrics"
+    elif all(below):
+        word, why = "worse", f"{a}'s answers are further from the references than {b}'s on both metrics"
+    elif any(above) and any(below):
+        word, why = "not shown", "the two metrics point in opposite directions"
+    else:
+        word, why = "not shown", "at least one interval includes 0, so these prompts cannot tell the two apart"
+    numbers = ", ".join(f"{METRIC_NAMES[k]} {interval(x)}" for k, x in zip(VERDICT_METRICS, d, strict=True))
+    return {"verdict": word, "line": f"{a} vs {b}: **{word}**: {why} ({numbers}; {d[0]['prompts']} prompts)."}
+
+
+def compare_pairs(per_answer: dict[str, Sequence[dict | None]], pairs: dict[str, tuple[str, str]], *, margin: float,
+                  samples: int, seed: int) -> dict[str, dict]:
+    """Per pair (label -> (A, B)): the paired differences of `COMPARED`, the verdict, and the win rule's counts;
+    a pair with a model that has no answers is "not compared", with the reason."""
+    out = {}
+    for label, (a, b) in pairs.items():
+        if missing := [m for m in (a, b) if m not in per_answer]:
+            out[label] = {"a": a, "b": b, "verdict": "not compared",
+                          "line": f"{label}: **not compared**: no answers from {' and '.join(missing)}."}
+            continue
+        diffs = paired_differences(per_answer[a], per_answer[b], COMPARED, samples, seed)
+        out[label] = {"a": a, "b": b, **verdict(a, b, diffs), "differences": diffs,
+                      "win_rate": win_rate(outcomes(per_answer[a], per_answer[b], margin), samples, seed)}
+    return out
+
+
+def verdict_table(comparisons: dict[str, dict]) -> list[dict]:
+    """Per pair: its verdict, the paired difference of each of `LEAD_METRICS` with its interval, and the win
+    rule's wins/ties/losses."""
+    rows = []
+    for label, c in comparisons.items():
+        d, w = c.get("differences", {}), c.get("win_rate", {})
+        rows.append({"pair": label, "verdict": c["verdict"],
+                     **{f"Δ {METRIC_NAMES[k]} [95% CI]": interval(d[k]) if d.get(k, {}).get("prompts") else "—"
+                        for k in LEAD_METRICS},
+                     "wins/ties/losses": f"{w['wins']}/{w['ties']}/{w['losses']}" if w.get("prompts") else "—"})
+    return rows
+
+
+def agreement(a: Sequence[generation.Answer | None], b: Sequence[generation.Answer | None]) -> dict:
     """How alike two models' answers are: identical share and mean ROUGE-L between them."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    pairs = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    pairs = [(x.text, y.text) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
     if not pairs:
         return {"prompts": 0}
     return {"prompts": len(pairs), "identical": float(np.mean([x == y for x, y in pairs])),
             "rouge_l": float(np.mean([scorer.score(x, y)["rougeL"].fmeasure for x, y in pairs]))}
 
 
-def side_by_side(prompts: Sequence[str], references: Sequence[str], answers: dict[str, Sequence[str | None]],
-                 n: int = 3, width: int = 600) -> str:
-    """Markdown: the first `n` prompts with the reference and every model's answer (each cut to `width` chars)."""
-    def cut(text: str | None) -> str:
-        text = "(no answer)" if text is None else text
+def side_by_side(prompts: Sequence[str], references: Sequence[str],
+                 answers: dict[str, Sequence[generation.Answer | None]], n: int = 3, width: int = 600) -> str:
+    """Markdown: the first `n` prompts with the reference and every model's answer (each cut to `width` chars),
+    saying of each answer how many tokens it took and whether it ended on its own."""
+    def cut(text: str) -> str:
         return (text[:width] + " …") if len(text) > width else text
+
+    def block(model: str, a: generation.Answer | None) -> str:
+        if a is None:
+            return f"**{model}**: (no answer)\n"
+        how = "ended" if a.ended else "cut at the token limit"
+        return f"**{model}** ({a.tokens} tokens, {how})\n\n{cut(a.text)}\n"
 
     blocks = []
     for i in range(min(n, len(prompts))):
         blocks.append(f"#### Prompt {i + 1}: {prompts[i]}\n\n**reference**\n\n{cut(references[i])}\n")
-        blocks += [f"**{m}**\n\n{cut(a[i])}\n" for m, a in answers.items()]
+        blocks += [block(m, a[i]) for m, a in answers.items()]
     return "\n".join(blocks)
 
 
@@ -413,12 +471,24 @@ def not_run(skipped: dict[str, str], model_status: dict[str, str], lm_results: d
                    for m, per in lm_results.items() for t, r in per.items() if "skipped" in r]
 
 
+def ladder_rows(quants: Sequence[dict]) -> list[dict]:
+    """06's quantization ladder (its `quants.json` rows) as the report shows it: sizes in MiB."""
+    return [{"level": r["level"], "size_mib": round(r["size_bytes"] / 2**20, 1),
+             **{k: r.get(k) for k in ("bpw", "perplexity", "greedy_agreement")}} for r in quants]
+
+
+def _cell(value) -> str:
+    text = str(round(value, 3)) if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|")
+
+
 def _markdown_table(rows: Sequence[dict]) -> str:
+    """A markdown table of `rows` (columns in first-seen order), floats to 3 decimals."""
     if not rows:
         return "_(none)_"
     cols = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")).replace("|", "\\|") for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -429,9 +499,50 @@ def html_links(paths: pipeline.RunPaths, report_dir: Path) -> list[str]:
             for stage, entry in manifest.get("stages", {}).items() if entry.get("html")]
 
 
-def write_report(paths: pipeline.RunPaths, metrics: dict, figures: dict, sections: dict[str, list[dict]]) -> Path:
-    """`report/`: metrics.json, one PNG per figure and summary.md (the tables in `sections`, figure links and the
-    links to every stage's HTML copy); each file written to a temporary name and renamed into place."""
+def decoding_note(decoding: dict, prompts: int) -> str:
+    """How the compared answers were made (`decoding`: max_new_tokens, sampling) and how the verdict reads them."""
+    fields = ", ".join(f"{k} {v:g}" for k, v in decoding["sampling"].items()) or "none"
+    return (f"Every model answered the same {prompts} held-out prompts through llama-server, greedily, with at most "
+            f"{decoding['max_new_tokens']} new tokens and the same sampler fields ({fields}); an answer cut at the "
+            "limit counts as not ended and is still scored. Δ is A − B per prompt, averaged over the prompts both "
+            "answered, with a percentile bootstrap 95% interval over prompts: **better** needs the ROUGE-L and the "
+            "embedding-similarity intervals both above 0, **worse** both below 0; anything else is **not shown**.")
+
+
+def tie_note(comparisons: dict[str, dict], margin: float) -> str:
+    """How many of the per-prompt comparisons the win rule called ties."""
+    counts = [c["win_rate"] for c in comparisons.values() if c.get("win_rate", {}).get("prompts")]
+    ties, total = sum(w["ties"] for w in counts), sum(w["prompts"] for w in counts)
+    return (f"The win rule (a prompt is won only when both metrics are better by more than {margin:g}) called {ties} "
+            f"of {total} per-prompt comparisons ties; the paired differences need no margin.")
+
+
+def summary_markdown(run: str, metrics: dict, examples: str, figures: Sequence[str], links: Sequence[str]) -> str:
+    """summary.md: the verdict with its intervals first, then `examples` (answers side by side), then the tables
+    (answers per model, the win rule's counts, lm-eval, 06's ladder, what did not run), the figures and links.
+
+    `metrics` holds comparisons, decoding, num_prompts, tie_margin, answers, lm_eval, quant_ladder, not_run."""
+    comparisons = metrics["comparisons"]
+    text = [f"# Evaluation report: run `{run}`", "", "## Verdict: did tuning help?", "",
+            decoding_note(metrics["decoding"], metrics["num_prompts"]), "",
+            *[f"- {c['line']}" for c in comparisons.values()], "", _markdown_table(verdict_table(comparisons)), "",
+            tie_note(comparisons, metrics["tie_margin"]), "", "## Answers side by side", "", examples, ""]
+    sections = {"Answers against the reference (mean per model)": [{"model": m, **s}
+                                                                   for m, s in metrics["answers"].items()],
+                "The win rule's counts": [{"pair": k, **c["win_rate"]} for k, c in comparisons.items()
+                                          if "win_rate" in c],
+                "lm-eval headline scores": headline_table(metrics["lm_eval"]),
+                "Quantization ladder (06_gguf)": metrics["quant_ladder"], "Not run": metrics["not_run"]}
+    for title, rows in sections.items():
+        text += [f"## {title}", "", _markdown_table(rows), ""]
+    text += ["## Figures", "", *[f"![{n}]({n}.png)" for n in figures], "", "## Notebooks", "",
+             *(links or ["_(run through `aletheia run` to get HTML copies)_"])]
+    return "\n".join(text) + "\n"
+
+
+def write_report(paths: pipeline.RunPaths, metrics: dict, figures: dict, examples: str) -> Path:
+    """`report/`: metrics.json, one PNG per figure and summary.md (`summary_markdown`); each file written to a
+    temporary name and renamed into place."""
     report = paths.root / "report"
     report.mkdir(parents=True, exist_ok=True)
     for old in report.glob("*.png"):  # a figure this run did not draw must not survive from an earlier one
@@ -442,12 +553,8 @@ def write_report(paths: pipeline.RunPaths, metrics: dict, figures: dict, section
         fig.savefig(tmp, dpi=110)
         tmp.replace(report / f"{name}.png")
     pipeline.write_json(report / "metrics.json", metrics)
-    text = [f"# Evaluation report: run `{paths.root.name}`", ""]
-    for title, rows in sections.items():
-        text += [f"## {title}", "", _markdown_table(rows), ""]
-    text += ["## Figures", ""] + [f"![{n}]({n}.png)" for n in figures] + ["", "## Notebooks", ""]
-    text += html_links(paths, report) or ["_(run through `aletheia run` to get HTML copies)_"]
     tmp = report / f".summary.md.tmp-{os.getpid()}"
-    tmp.write_text("\n".join(text) + "\n", encoding="utf-8")
+    tmp.write_text(summary_markdown(paths.root.name, metrics, examples, list(figures), html_links(paths, report)),
+                   encoding="utf-8")
     tmp.replace(report / "summary.md")
     return report

@@ -185,6 +185,32 @@ def win_rates(pairs: Mapping[str, Mapping]):
     return fig
 
 
+def paired_differences(comparisons: Mapping[str, Mapping], metrics: Mapping[str, str]):
+    """One panel per metric (08_evaluate; `metrics`: key -> label): each pair's mean per-prompt difference A − B
+    with its bootstrap 95% interval, and a line at 0. Blue: the interval excludes 0; grey: it includes 0."""
+    names = [n for n, c in comparisons.items() if c.get("differences")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics) + 1.2, 0.45 * len(names) + 1.5),
+                             layout="constrained", sharey=True, squeeze=False)
+    for ax, (key, label) in zip(axes.flat, metrics.items(), strict=True):
+        reach = 1e-3  # the panel spans ±(its widest interval end), so 0 sits in the middle
+        for y, name in enumerate(names):
+            d = comparisons[name]["differences"][key]
+            if not d.get("prompts"):
+                continue
+            shown = d["ci_low"] > 0 or d["ci_high"] < 0
+            err = [[max(d["mean"] - d["ci_low"], 0)], [max(d["ci_high"] - d["mean"], 0)]]
+            ax.errorbar(d["mean"], y, xerr=err, fmt="o", capsize=4, color="tab:blue" if shown else "grey")
+            reach = max(reach, abs(d["ci_low"]), abs(d["ci_high"]))
+        ax.axvline(0, color="black", lw=1)
+        ax.set_xlim(-1.15 * reach, 1.15 * reach)
+        ax.set_title(f"Δ {label}", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    axes[0, 0].set_yticks(range(len(names)), names)
+    axes[0, 0].set_ylim(len(names) - 0.5, -0.5)
+    fig.supxlabel("mean per-prompt difference A − B with its bootstrap 95% interval", fontsize=9)
+    return fig
+
+
 def answer_shapes(per_model: Mapping[str, Sequence[Mapping | None]]):
     """Answer length distribution and the share of answers with lists, code blocks and headings, per model."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")

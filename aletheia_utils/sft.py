@@ -330,21 +330,6 @@ def save_adapter(trainer, tokenizer, target: Path) -> Path:
     return target
 
 
-def generate(model, tokenizer, question: str, style: str = "chat_template", max_new_tokens: int = 128) -> str:
-    """A greedy answer to one question, prompted in the training format (used before and after training)."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    prompt = curate.format_prompt(question, style, tokenizer)
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    model.train(was_training)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
 # ---------------------------------------------------------------- the SFT stage
 
 def training_args(c: config_mod.Train, output_dir: Path, seed: int, precision: str) -> dict:

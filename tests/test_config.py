@@ -34,6 +34,7 @@ def test_production_file_holds_the_seed_settings():
     assert (d.per_device_batch_size, d.gradient_accumulation_steps) == (2, 16)
     assert cfg.serve.backend == "vllm"
     assert cfg.eval.tasks == ["hellaswag", "truthfulqa_mc2", "winogrande", "gsm8k", "mbpp"]
+    assert cfg.eval.skip_tasks == {}, "HumanEval runs for a code model"
 
 
 def _write(tmp_path, mutate):
@@ -58,6 +59,8 @@ def _write(tmp_path, mutate):
     (lambda t: t["sft"].update(max_steps=0), "sft.max_steps: max_steps must be -1"),
     (lambda t: t["run"].pop("base_model"), "run.base_model: required key is missing"),
     (lambda t: t["serve"].update(port=70000), "serve.port: Input should be less than or equal to 65535"),
+    (lambda t: t["eval"].update(skip_tasks={"aletheia_humaneval": " "}),
+     "eval.skip_tasks: give the reason for skipping aletheia_humaneval"),
 ])
 def test_bad_params_name_file_key_and_reason(tmp_path, mutate, expected):
     path = _write(tmp_path, mutate)

@@ -1,5 +1,6 @@
 """08_evaluate: task data and bad input, every shipped lm-eval task on the embedded model, the llama.cpp server
-backend, the win-rate statistics and the report."""
+backend, the answer metrics, the paired differences and the verdict on constructed inputs, the win rule and the
+report."""
 
 import importlib.util
 import json
@@ -7,6 +8,7 @@ import random
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -95,6 +97,11 @@ def test_plan_skips_unknown_missing_and_unreachable_tasks(task_data):
     assert skipped["no_such_task"] == "lm-eval does not know a task named 'no_such_task'"
     assert skipped["aletheia_pref"] == "no task data: dpo_val.jsonl: split is empty"
     assert skipped["hellaswag"].startswith("not available offline:"), skipped
+    tasks, skipped = ev.plan_tasks(["aletheia_mc", "aletheia_humaneval"], status, _tm(out),
+                                   {"aletheia_humaneval": "scores 0 here", "aletheia_humaneva": "a typo"})
+    assert tasks == ["aletheia_mc"]
+    assert skipped == {"aletheia_humaneval": "skipped by eval.skip_tasks: scores 0 here",
+                       "aletheia_humaneva": "lm-eval does not know a task named 'aletheia_humaneva'"}
 
 
 def test_offline_also_when_datasets_was_imported_first():
@@ -153,12 +160,9 @@ def test_llama_server_backend_runs_generation_and_reports_loglikelihood(task_dat
         lm = ev.server_lm(server, base_dir, concurrency=2, max_length=1024, timeout=60)
         summary = ev.run_tasks(lm, ["aletheia_humaneval", "aletheia_mc"], _tm(out), limit=1, max_gen_toks=16,
                                out=tmp_path / "gguf.json", no_loglikelihood=why)
-        answers = ev.server_answers(server, ["What does fsync do?"], 8, 1)
     assert why and "prompt tokens" in why  # llama-server returns logprobs of generated tokens only
     assert "metrics" in summary["aletheia_humaneval"], summary
     assert summary["aletheia_mc"] == {"skipped": f"not supported by this backend: {why}"}
-    assert isinstance(answers[0], str) and answers[0]
-    assert ev.server_answers(server, ["x"], 4, 1) == [None]  # server stopped: no answer, not a crash
 
 
 def test_shape_and_win_rule():
@@ -170,6 +174,131 @@ def test_shape_and_win_rule():
     assert ev.outcomes(a, b, margin=0.02) == [1, -1, 0, 0]  # metrics disagree, or within the margin: tie
 
 
+def test_repeated_ngrams_tells_a_loop_from_prose():
+    loop = "the cache is full so " * 10  # 50 words, 47 four-grams, 5 distinct
+    assert ev.repeated_ngrams(loop) == pytest.approx(1 - 5 / 47)
+    assert ev.repeated_ngrams("fsync forces the dirty pages and metadata of a file to stable storage") == 0
+    assert ev.repeated_ngrams("too short") == 0
+
+
+def test_answer_metrics_count_ended_length_and_missing_answers():
+    answer = au.generation.Answer
+    references = ["one two three four five six seven eight nine ten"] * 3
+    answers = [answer("one two three four five", 7, True), answer("one two three " * 10, 32, False), None]
+    per = ev.answer_metrics(answers, references, lambda texts: np.full((len(texts), 4), 0.5))  # unit vectors
+    assert per[2] is None
+    assert (per[0]["ended"], per[0]["tokens"], per[0]["length_ratio"], per[0]["repeated_4grams"]) == (1.0, 7, 0.5, 0)
+    assert (per[1]["ended"], per[1]["tokens"], per[1]["length_ratio"]) == (0.0, 32, 3.0)
+    assert per[1]["repeated_4grams"] > 0.8 and per[0]["embed_sim"] == pytest.approx(1.0)
+    assert per[0]["rouge_l"] > per[1]["rouge_l"] > 0
+    summary = ev.summarize(per)
+    assert (summary["answered"], summary["ended"], summary["length_ratio"]) == (2, 0.5, 1.75)
+
+
+def _prompts(n=48, seed=1):
+    """Per-prompt metrics of a made-up model on `n` prompts."""
+    rng = np.random.default_rng(seed)
+    return [{"rouge_l": float(r), "embed_sim": float(e), "ended": float(d), "repeated_4grams": float(g),
+             "length_ratio": float(x)}
+            for r, e, d, g, x in zip(rng.uniform(0.1, 0.3, n), rng.uniform(0.3, 0.7, n), rng.integers(0, 2, n),
+                                     rng.uniform(0, 0.5, n), rng.uniform(0.5, 2, n), strict=True)]
+
+
+def _shifted(rows, shifts):
+    """`rows` with `shifts[metric]` (one number, or one per prompt) added."""
+    per_prompt = {k: np.broadcast_to(np.asarray(v, dtype=float), len(rows)) for k, v in shifts.items()}
+    return [{k: v + float(per_prompt[k][i]) if k in per_prompt else v for k, v in r.items()}
+            for i, r in enumerate(rows)]
+
+
+def test_a_known_difference_is_found():
+    base = _prompts()
+    tuned = _shifted(base, {"rouge_l": 0.05, "embed_sim": 0.05})
+    diffs = ev.paired_differences(tuned, base, ev.COMPARED, 500, 0)
+    for k in ("rouge_l", "embed_sim"):
+        assert diffs[k]["prompts"] == 48 and diffs[k]["mean"] == pytest.approx(0.05)
+        assert 0 < diffs[k]["ci_low"] <= diffs[k]["ci_high"], diffs[k]
+    assert diffs["ended"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "prompts": 48}
+    assert ev.verdict("tuned", "base", diffs)["verdict"] == "better"
+    assert ev.verdict("base", "tuned", ev.paired_differences(base, tuned, seed=0))["verdict"] == "worse"
+    # the same shift under per-prompt noise: still found, and the interval holds the true shift
+    noise = np.random.default_rng(2).normal(0, 0.05, 48)
+    noisy = ev.paired_differences(_shifted(base, {"rouge_l": 0.05 + noise, "embed_sim": 0.05 - noise}), base,
+                                  ev.VERDICT_METRICS, 1000, 0)
+    assert all(0 < d["ci_low"] < 0.05 < d["ci_high"] for d in noisy.values()), noisy
+
+
+def test_a_zero_difference_is_not_a_win():
+    base = _prompts()
+    diffs = ev.paired_differences(base, [dict(r) for r in base], ev.COMPARED, 500, 0)
+    assert all(d == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "prompts": 48} for d in diffs.values())
+    assert ev.verdict("a", "b", diffs)["verdict"] == "not shown"
+    w = ev.win_rate(ev.outcomes(base, base, 0.02), 500, 0)
+    assert (w["wins"], w["ties"], w["losses"], w["win_rate"]) == (0, 48, 0, 0.5)
+
+
+def test_noise_alone_gives_an_interval_across_zero():
+    base = _prompts()
+    e = np.random.default_rng(3).normal(0, 0.05, 24)
+    noise = np.concatenate([e, -e])  # mean exactly 0
+    diffs = ev.paired_differences(_shifted(base, {"rouge_l": noise, "embed_sim": noise[::-1]}), base,
+                                  ev.VERDICT_METRICS, 1000, 0)
+    assert all(d["ci_low"] < 0 < d["ci_high"] and abs(d["mean"]) < 1e-12 for d in diffs.values()), diffs
+    assert ev.verdict("a", "b", diffs)["verdict"] == "not shown"
+
+
+def test_only_answered_prompts_are_paired():
+    base, tuned = _prompts(6), _prompts(6, seed=2)
+    tuned[0], base[5] = None, None
+    diffs = ev.paired_differences(tuned, base, ("rouge_l",), 100, 0)
+    assert diffs["rouge_l"]["prompts"] == 4
+    assert diffs["rouge_l"]["mean"] == pytest.approx(np.mean([tuned[i]["rouge_l"] - base[i]["rouge_l"]
+                                                              for i in range(1, 5)]))
+    assert ev.paired_differences([None], [base[0]], ("rouge_l",), 100, 0) == {"rouge_l": {"prompts": 0}}
+
+
+def _d(mean, lo, hi):
+    return {"mean": mean, "ci_low": lo, "ci_high": hi, "prompts": 40}
+
+
+@pytest.mark.parametrize("rouge, embed, expected, reason", [
+    (_d(0.02, 0.01, 0.03), _d(0.03, 0.01, 0.05), "better", "dpo's answers are closer to the references than base's"),
+    (_d(-0.02, -0.03, -0.01), _d(-0.03, -0.05, -0.01), "worse", "dpo's answers are further from the references"),
+    (_d(0.02, 0.01, 0.03), _d(0.01, -0.01, 0.03), "not shown", "at least one interval includes 0"),
+    (_d(0.02, 0.01, 0.03), _d(-0.03, -0.05, -0.01), "not shown", "the two metrics point in opposite directions"),
+    (_d(0.0, 0.0, 0.0), _d(0.0, 0.0, 0.0), "not shown", "at least one interval includes 0"),
+])
+def test_verdict_needs_both_intervals_on_one_side_of_zero(rouge, embed, expected, reason):
+    v = ev.verdict("dpo", "base", {"rouge_l": rouge, "embed_sim": embed, "ended": _d(0.5, 0.4, 0.6)})
+    assert v["verdict"] == expected
+    assert v["line"].startswith(f"dpo vs base: **{expected}**: {reason}") and "40 prompts" in v["line"]
+    assert f"ROUGE-L {ev.interval(rouge)}, embedding similarity {ev.interval(embed)}" in v["line"]
+    assert ev.verdict("dpo", "base", {"rouge_l": {"prompts": 0}, "embed_sim": {"prompts": 0}})["verdict"] == "not shown"
+    few = {k: {**x, "prompts": ev.MIN_PROMPTS - 1} for k, x in (("rouge_l", rouge), ("embed_sim", embed))}
+    assert ev.verdict("dpo", "base", few)["line"].startswith(
+        f"dpo vs base: **not shown**: a verdict needs at least {ev.MIN_PROMPTS} prompts (ROUGE-L")
+
+
+def test_compare_pairs_and_the_verdict_table():
+    base = _prompts()
+    per_answer = {"base": base, "dpo": _shifted(base, {"rouge_l": 0.05, "embed_sim": 0.05, "ended": 0.25})}
+    comparisons = ev.compare_pairs(per_answer, {"dpo vs base": ("dpo", "base"), "gguf vs base-gguf": ("gguf", "b")},
+                                   margin=0.02, samples=200, seed=0)
+    c = comparisons["dpo vs base"]
+    assert (c["a"], c["b"], c["verdict"]) == ("dpo", "base", "better") and set(c["differences"]) == set(ev.COMPARED)
+    assert c["win_rate"]["wins"] == 48, "every prompt moves by 0.05 on both metrics, beyond the 0.02 margin"
+    assert comparisons["gguf vs base-gguf"] == {
+        "a": "gguf", "b": "b", "verdict": "not compared",
+        "line": "gguf vs base-gguf: **not compared**: no answers from gguf and b."}
+    rows = ev.verdict_table(comparisons)
+    assert rows[0] == {"pair": "dpo vs base", "verdict": "better",
+                       "Δ ROUGE-L [95% CI]": "+0.050 [+0.050, +0.050]",
+                       "Δ embedding similarity [95% CI]": "+0.050 [+0.050, +0.050]",
+                       "Δ ended on its own [95% CI]": "+0.250 [+0.250, +0.250]",
+                       "Δ repeated 4-grams [95% CI]": "+0.000 [+0.000, +0.000]", "wins/ties/losses": "48/0/0"}
+    assert rows[1]["verdict"] == "not compared" and rows[1]["wins/ties/losses"] == "—"
+
+
 def test_win_rate_interval():
     assert ev.win_rate([1, 1, 1, 1], 200, 0) == {"prompts": 4, "wins": 4, "ties": 0, "losses": 0,
                                                       "win_rate": 1.0, "ci_low": 1.0, "ci_high": 1.0}
@@ -179,7 +308,7 @@ def test_win_rate_interval():
     assert ev.win_rate([], 100, 0) == {"prompts": 0}
 
 
-def test_report_tables_links_and_no_invented_scores(tmp_path):
+def test_report_opens_with_the_verdict_then_answers_then_tables(tmp_path):
     import matplotlib.pyplot as plt
 
     paths = au.pipeline.RunPaths(tmp_path)
@@ -191,13 +320,45 @@ def test_report_tables_links_and_no_invented_scores(tmp_path):
     assert table == [{"task": "aletheia_mc", "metric": "acc_norm", "base": "0.250 ± 0.100", "gguf": "—"}]
     missing = ev.not_run({"hellaswag": "not available offline"}, {"sft": "not evaluated: no adapter"}, results)
     assert [r["item"] for r in missing] == ["hellaswag", "sft", "gguf / aletheia_mc"]
-    fig = au.plots.task_scores(results, ev.HEADLINE)
+    base = _prompts()
+    comparisons = ev.compare_pairs({"base": base, "dpo": _shifted(base, {"rouge_l": 0.05, "embed_sim": 0.05})},
+                                   {"dpo vs base": ("dpo", "base"), "gguf vs base-gguf": ("gguf", "base-gguf")},
+                                   margin=0.02, samples=200, seed=0)
+    answer = au.generation.Answer
+    examples = ev.side_by_side(["What does fsync do?"], ["It flushes the file to disk."],
+                               {"base": [answer("It writes.", 3, True)], "dpo": [answer("It flushes " * 4, 16, False)],
+                                "gguf": [None]})
+    decoding = {"max_new_tokens": 320, "sampling": {"repeat_penalty": 1.1, "dry_multiplier": 0.8}}
+    metrics = {"comparisons": comparisons, "decoding": decoding,
+               "num_prompts": 48, "tie_margin": 0.02, "answers": {"base": {"answered": 48, "rouge_l": 0.123456}},
+               "lm_eval": results,
+               "not_run": missing, "quant_ladder": ev.ladder_rows([{"level": "Q4_K_M", "size_bytes": 105_477_120,
+                                                                    "bpw": 6.1734, "perplexity": 28.53123,
+                                                                    "greedy_agreement": 0.859}])}
+    figures = {"task_scores": au.plots.task_scores(results, ev.HEADLINE),
+               "paired_differences": au.plots.paired_differences(comparisons, {"rouge_l": "ROUGE-L",
+                                                                               "ended": "ended"})}
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "quant_ladder.png").write_bytes(b"from an earlier run")
-    report = ev.write_report(paths, {"lm_eval": results}, {"task_scores": fig}, {"Scores": table, "Not run": missing})
-    plt.close(fig)
+    report = ev.write_report(paths, metrics, figures, examples)
+    for fig in figures.values():
+        plt.close(fig)
     summary = (report / "summary.md").read_text()
+    assert [s.split("\n")[0] for s in summary.split("\n## ")[1:4]] == [
+        "Verdict: did tuning help?", "Answers side by side", "Answers against the reference (mean per model)"]
+    verdict_part = summary.split("\n## ")[1]
+    assert "greedily, with at most 320 new tokens and the same sampler fields (repeat_penalty 1.1, " \
+           "dry_multiplier 0.8)" in verdict_part
+    assert "- dpo vs base: **better**: dpo's answers are closer" in verdict_part
+    assert "- gguf vs base-gguf: **not compared**: no answers from gguf and base-gguf." in verdict_part
+    assert "| dpo vs base | better | +0.050 [+0.050, +0.050] | +0.050 [+0.050, +0.050] |" in verdict_part
+    assert "called 0 of 48 per-prompt comparisons ties" in verdict_part
+    assert "**dpo** (16 tokens, cut at the token limit)" in summary and "**gguf**: (no answer)" in summary
+    assert "| Q4_K_M | 100.6 | 6.173 | 28.531 | 0.859 |" in summary, "MiB, floats to 3 decimals"
+    assert "| base | 48 | 0.123 |" in summary
     assert "| aletheia_mc | acc_norm | 0.250 ± 0.100 | — |" in summary and "no echo" in summary
-    assert "[01_curate](../html/01_curate.html)" in summary and (report / "task_scores.png").stat().st_size > 1000
+    assert "[01_curate](../html/01_curate.html)" in summary
+    assert "![paired_differences](paired_differences.png)" in summary
+    assert (report / "task_scores.png").stat().st_size > 1000 and (report / "paired_differences.png").is_file()
     assert json.loads((report / "metrics.json").read_text())["lm_eval"] == results
     assert not list(report.glob(".*tmp*")) and not (report / "quant_ladder.png").exists()

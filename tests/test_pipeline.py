@@ -43,7 +43,12 @@ def test_smoke_run_executes_every_stage(smoke_run):
         assert json.loads((run_dir / "metrics" / f"{s}.json").read_text()).get("implemented") is True, s
     ladder = json.loads((run_dir / "06_gguf" / "quants.json").read_text())
     assert [r["level"] for r in ladder] == ["F16", "Q8_0", "Q4_K_M"] and all(r["perplexity"] > 1 for r in ladder)
-    assert "win_rate" in (run_dir / "report" / "summary.md").read_text()
+    summary = (run_dir / "report" / "summary.md").read_text()
+    assert summary.split("\n## ")[1].startswith("Verdict: did tuning help?") and "win_rate" in summary
+    assert "| aletheia_humaneval | skipped by eval.skip_tasks: as in the default run" in summary
+    evaluation = json.loads((run_dir / "metrics" / "08_evaluate.json").read_text())
+    assert set(evaluation["verdict"]) == {"sft vs base", "dpo vs base", "dpo vs sft", "gguf vs base"}  # JSON sorts
+    assert all(c["differences"]["rouge_l"]["prompts"] == 4 for c in evaluation["comparisons"].values())
 
 
 @pytest.mark.slow

@@ -1,0 +1,92 @@
+"""Answers to prompts, each saying how many tokens it took and whether it ended on its own (end-of-turn before the
+token limit): transformers `generate` in left-padded batches, plain greedy (02/03's before and after), or an
+OpenAI-compatible server's chat endpoint (llama-server), greedy with llama-server's own sampler fields for repetition
+control (`eval.generation.sampling`), which 08 uses for every compared model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+from . import curate
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    tokens: int  # generated tokens, the end-of-turn token excluded
+    ended: bool  # stopped on its own (end-of-turn) before the token limit
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+def hf_answers(model, tokenizer, prompts: Sequence[str], style: str, *, max_new_tokens: int,
+               batch_size: int = 16) -> list[Answer]:
+    """Plain greedy answers in left-padded batches, prompted in the training format."""
+    import torch
+
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos, out = _eos_ids(model, tokenizer), []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [curate.format_prompt(p, style, tokenizer) for p in prompts[i:i + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.inference_mode():
+                ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                     top_k=None, top_p=None, temperature=None)
+            for row in ids[:, batch["input_ids"].shape[1]:].tolist():
+                end = next((k for k, t in enumerate(row) if t in eos), None)
+                kept = row if end is None else row[:end]
+                out.append(Answer(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept),
+                                  end is not None))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out
+
+
+def server_answers(server, prompts: Sequence[str], *, max_new_tokens: int, sampling: dict | None = None,
+                   concurrency: int = 4, timeout: float = 300) -> list[Answer | None]:
+    """Greedy chat answers from an OpenAI-compatible server, decoded `concurrency` at a time (None where a request
+    failed). `sampling`: llama-server's own sampler fields (e.g. `dry_multiplier`), sent as they are."""
+    import openai
+
+    from . import serve
+
+    api = serve.client(server, timeout=timeout)
+
+    def one(prompt: str) -> Answer | None:
+        try:
+            r = api.chat.completions.create(model=server.model, messages=[{"role": "user", "content": prompt}],
+                                            max_tokens=max_new_tokens, temperature=0, extra_body=sampling or {})
+        except openai.OpenAIError:
+            return None
+        choice = r.choices[0]
+        return Answer((choice.message.content or "").strip(), r.usage.completion_tokens if r.usage else 0,
+                      choice.finish_reason == "stop")
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, prompts))
+
+
+def gguf_answers(gguf, prompts: Sequence[str], *, max_new_tokens: int, sampling: dict | None = None,
+                 parallel: int = 8, ctx_size: int = 2048, threads: int | None = None) -> list[Answer | None]:
+    """`server_answers` from a llama-server started on `gguf` for these prompts (`parallel` slots decoding
+    together) and stopped afterwards."""
+    from . import serve
+
+    with serve.llama_server(gguf, parallel=parallel, ctx_size=ctx_size, threads=threads) as server:
+        return server_answers(server, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                              concurrency=parallel)

@@ -1,0 +1,144 @@
+"""The recipe sweep that chose `params/default.yaml`'s training and decoding settings, measured on the VALIDATION
+split only (the eval split is 08's and never chooses anything).
+
+    .venv/bin/python benchmarks/recipe.py --run-dir runs/recipe [--decoding NAME=JSON …] \
+        [--variant 'sft.learning_rate=1e-3 sft.max_steps=60' …] [--dpo] [--name recipe]
+
+The base model answers every validation prompt under each decoding (llama-server sampler fields: the decoding every
+model then shares). Each `--variant` (params overrides, as `aletheia run --set`) trains 02's SFT from the run's
+curated data in a scratch folder, then (with `--dpo`) 03's DPO on top; each trained model answers the same prompts
+under the same decodings. Per model: validation loss, ROUGE-L and embedding similarity to the references, the share of
+answers that ended on their own, repeated 4-grams, length against the reference, and the paired difference against
+the base with its bootstrap 95% interval. Results go to benchmarks/results/<name>.json as each model finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shlex
+
+import common
+import torch
+
+import aletheia_utils as au
+
+KEYS = ("rouge_l", "embed_sim", "ended", "repeated_4grams", "length_ratio")
+
+
+def scored(model_dir, cfg, prompts, references, embed, decodings) -> dict:
+    """Answers of one model (an HF folder, served as an F16 GGUF by llama-server's slots: the fast path on a CPU)
+    under each decoding (llama-server sampler fields), scored; per-prompt metrics kept for the paired differences."""
+    import tempfile
+    from pathlib import Path
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="recipe-gguf-") as tmp:
+        gguf = au.gguf.convert(model_dir, Path(tmp) / "model-F16.gguf")
+        with au.serve.llama_server(gguf, parallel=8, ctx_size=1024, threads=au.pipeline.use_threads(cfg)) as server:
+            for name, sampling in decodings.items():
+                with common.Timer() as t:
+                    answers = au.generation.server_answers(server, prompts, concurrency=8, sampling=sampling,
+                                                           max_new_tokens=cfg.eval.generation.max_new_tokens)
+                per = au.evaluate.answer_metrics(answers, references, embed)
+                out[name] = {"summary": au.evaluate.summarize(per), "per_prompt": per, "generate_s": round(t.s, 1),
+                               "examples": [a.text[:400] for a in answers[:2] if a is not None]}
+                print(f"  {name}: " + ", ".join(f"{k} {out[name]['summary'][k]:.3f}" for k in KEYS)
+                      + f" ({t.s:.0f} s)", flush=True)
+    return out
+
+
+def paired(model: dict, base: dict, samples: int, seed: int) -> dict:
+    """Per decoding and metric: mean paired difference (model - base) with a percentile bootstrap 95% interval."""
+    import numpy as np
+
+    out = {}
+    for p, res in model.items():
+        a, b = res["per_prompt"], base[p]["per_prompt"]
+        both = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, len(both), size=(samples, len(both)))
+        out[p] = {}
+        for k in KEYS:
+            d = np.array([x[k] - y[k] for x, y in both])
+            boot = d[idx].mean(axis=1)
+            out[p][k] = [round(float(d.mean()), 4), *(round(float(v), 4) for v in np.percentile(boot, [2.5, 97.5]))]
+    return out
+
+
+def train(stage: str, cfg, root) -> tuple:
+    """02's (or 03's) trainer from the params, fitted with no periodic checkpoints; returns (trainer, val loss)."""
+    from transformers.trainer_utils import SaveStrategy
+
+    torch.manual_seed(cfg.run.seed)
+    paths = au.pipeline.RunPaths.for_run(cfg, root)
+    build = au.sft.build_trainer if stage == "02_sft" else au.dpo.build_trainer
+    trainer, _ = build(cfg, paths)
+    trainer.args.save_strategy = SaveStrategy.NO
+    with common.Timer() as t:
+        trainer.train()
+    metrics = trainer.evaluate()
+    au.sft.save_adapter(trainer, trainer.processing_class, paths.stage(stage) / "adapter")
+    return trainer, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}, round(t.s, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", help="a run with 01_curate done (default runs/default-check)")
+    parser.add_argument("--params", default=str(common.ROOT / "params" / "default.yaml"))
+    parser.add_argument("--decoding", action="append", default=[],
+                        help='NAME=JSON of llama-server sampler fields, e.g. dry=\'{"dry_multiplier": 0.8}\' '
+                             "(default: the params' eval.generation.sampling)")
+    parser.add_argument("--variant", action="append", default=[], help="params overrides, space-separated")
+    parser.add_argument("--dpo", action="store_true", help="also train 03's DPO on each SFT variant")
+    parser.add_argument("--limit", type=int, help="validation prompts answered (default all)")
+    parser.add_argument("--name", default="recipe")
+    args = parser.parse_args()
+    source = common.source_run(args.run_dir).resolve()
+    cfg = au.config.load(args.params)
+    decodings = dict((d.split("=", 1)[0], json.loads(d.split("=", 1)[1])) for d in args.decoding) or {
+        "params": cfg.eval.generation.sampling.model_dump()}
+    au.pipeline.use_threads(cfg)
+    rows = au.sft.load_split(source / "01_curate" / "sft_val.jsonl", "sft")[:args.limit]
+    prompts, references = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    embed = au.curate.Embedder()
+    result = {"machine": common.machine(), "source_run": os.path.relpath(source, common.ROOT), "prompts": len(prompts),
+              "split": "sft_val",
+              "max_new_tokens": cfg.eval.generation.max_new_tokens, "decodings": decodings, "models": {}}
+
+    def save() -> None:
+        last = list(decodings)[-1]
+        common.write(args.name, result, {m: r["scores"][last]["summary"]["rouge_l"]
+                                         for m, r in result["models"].items()}, f"ROUGE-L ({last})")
+
+    print("base", flush=True)
+    base = scored(au.models.resolve(cfg.run.base_model), cfg, prompts, references, embed, decodings)
+    result["models"]["base"] = {"scores": base}
+    save()
+    for spec in args.variant:
+        vcfg = au.config.load(args.params, shlex.split(spec))
+        with common.scratch_run(source, "01_curate") as root:
+            for stage in ("02_sft", "03_dpo") if args.dpo else ("02_sft",):
+                label = f"{stage[3:]}[{spec}]"
+                print(label, flush=True)
+                trainer, val, seconds = train(stage, vcfg, root)
+                del trainer
+                gc.collect()
+                model, tok = au.merge.load_adapter_model(vcfg.run.base_model, root / stage / "adapter")
+                merged = au.merge.save_merged(model, tok, root / stage / "merged")  # as 04_merge does
+                res = scored(merged, vcfg, prompts, references, embed, decodings)
+                result["models"][label] = {"overrides": spec, "validation": val, "train_s": seconds, "scores": res,
+                                           "vs_base": paired(res, base, cfg.eval.bootstrap_samples, cfg.run.seed)}
+                print(f"  validation {val}, train {seconds:.0f} s", flush=True)
+                print(f"  vs base {result['models'][label]['vs_base']}", flush=True)
+                save()
+    for r in result["models"].values():  # per-prompt rows are for the paired differences, not the JSON
+        for s in r["scores"].values():
+            s.pop("per_prompt")
+    save()
+
+
+if __name__ == "__main__":
+    main()
