@@ -80,13 +80,3 @@ def server_answers(server, prompts: Sequence[str], *, max_new_tokens: int, sampl
     with ThreadPoolExecutor(concurrency) as pool:
         return list(pool.map(one, prompts))
 
-
-def gguf_answers(gguf, prompts: Sequence[str], *, max_new_tokens: int, sampling: dict | None = None,
-                 parallel: int = 8, ctx_size: int = 2048, threads: int | None = None) -> list[Answer | None]:
-    """`server_answers` from a llama-server started on `gguf` for these prompts (`parallel` slots decoding
-    together) and stopped afterwards."""
-    from . import serve
-
-    with serve.llama_server(gguf, parallel=parallel, ctx_size=ctx_size, threads=threads) as server:
-        return server_answers(server, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                              concurrency=parallel)

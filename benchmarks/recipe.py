@@ -50,24 +50,6 @@ def scored(model_dir, cfg, prompts, references, embed, decodings) -> dict:
     return out
 
 
-def paired(model: dict, base: dict, samples: int, seed: int) -> dict:
-    """Per decoding and metric: mean paired difference (model - base) with a percentile bootstrap 95% interval."""
-    import numpy as np
-
-    out = {}
-    for p, res in model.items():
-        a, b = res["per_prompt"], base[p]["per_prompt"]
-        both = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
-        rng = np.random.default_rng(seed)
-        idx = rng.integers(0, len(both), size=(samples, len(both)))
-        out[p] = {}
-        for k in KEYS:
-            d = np.array([x[k] - y[k] for x, y in both])
-            boot = d[idx].mean(axis=1)
-            out[p][k] = [round(float(d.mean()), 4), *(round(float(v), 4) for v in np.percentile(boot, [2.5, 97.5]))]
-    return out
-
-
 def train(stage: str, cfg, root) -> tuple:
     """02's (or 03's) trainer from the params, fitted with no periodic checkpoints; returns (trainer, val loss)."""
     from transformers.trainer_utils import SaveStrategy
@@ -130,7 +112,9 @@ def main() -> None:
                 merged = au.merge.save_merged(model, tok, root / stage / "merged")  # as 04_merge does
                 res = scored(merged, vcfg, prompts, references, embed, decodings)
                 result["models"][label] = {"overrides": spec, "validation": val, "train_s": seconds, "scores": res,
-                                           "vs_base": paired(res, base, cfg.eval.bootstrap_samples, cfg.run.seed)}
+                                           "vs_base": {d: au.evaluate.paired_differences(
+                                               r["per_prompt"], base[d]["per_prompt"], KEYS,
+                                               cfg.eval.bootstrap_samples, cfg.run.seed) for d, r in res.items()}}
                 print(f"  validation {val}, train {seconds:.0f} s", flush=True)
                 print(f"  vs base {result['models'][label]['vs_base']}", flush=True)
                 save()
