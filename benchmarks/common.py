@@ -1,5 +1,5 @@
-"""Shared plumbing of the benchmark scripts (README "Performance"): the machine they ran on, a scratch run folder
-that reuses a finished run's curated data, timing, and the results JSON + bar chart in `benchmarks/results/`.
+"""Shared plumbing of the benchmark scripts (benchmarks/README.md, "Performance"): the machine they ran on, a scratch
+run folder that reuses a finished run's curated data, timing, and the results JSON + bar chart in `benchmarks/results/`.
 """
 
 from __future__ import annotations
