@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/pipeline_wall.py --existing runs/quiet-base   # tabulate a finished run instead
 
 Also records the run's headline results, so the time is read next to what it bought: SFT and DPO held-out losses
-and the 08_evaluate win rates of the tuned models against the base model. Writes
+and 08_evaluate's verdicts with the paired differences they rest on. Writes
 benchmarks/results/pipeline_wall.{json,png}.
 """
 
@@ -32,9 +32,10 @@ def headline(run: Path) -> dict:
         out[stage] = {k: metrics.get(stage, {}).get(k) for k in keys}
     dpo_eval = metrics.get("03_dpo", {}).get("eval", {})
     out["03_dpo"] |= {k: dpo_eval.get(k) for k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")}
-    out["win_rates"] = {pair: {k: wr.get(k) for k in ("prompts", "wins", "ties", "losses", "win_rate", "ci_low",
-                                                      "ci_high")}
-                        for pair, wr in metrics.get("08_evaluate", {}).get("win_rates", {}).items()}
+    ev = metrics.get("08_evaluate", {})
+    out["comparisons"] = {pair: {"verdict": c.get("verdict"),
+                                 **{k: c.get("differences", {}).get(k) for k in au.evaluate.VERDICT_METRICS}}
+                          for pair, c in ev.get("comparisons", {}).items()}
     return out
 
 
@@ -59,7 +60,7 @@ def main() -> None:
     total = sum(stages.values())
     print({"stages_s": stages, "total_min": round(total / 60, 1)})
     common.write("pipeline_wall", {"machine": machine, "run": str(run), "params": manifest.get("params"),
-                                   "stages_s": stages, "total_s": total, "target_s": 15 * 60,
+                                   "stages_s": stages, "total_s": total, "target_s": 35 * 60,
                                    "results": headline(run)}, {}, "", figure=figure(stages))
 
 
