@@ -49,7 +49,7 @@ def _setup_llama_cpp(args) -> int:
 
 
 def _gateway(args) -> int:
-    from . import gateway
+    from . import gateway  # deferred: FastAPI, httpx and Prometheus load only for `aletheia gateway`
 
     gateway.run(gateway.load_config(args.config))
     return 0

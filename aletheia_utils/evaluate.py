@@ -19,8 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import openai
 
-from . import data, generation, pipeline
+from . import data, generation, pipeline, serve
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 OWN_TASKS = ("aletheia_mc", "aletheia_pref", "aletheia_ppl", "aletheia_humaneval")
@@ -216,10 +217,6 @@ def scores(task_result: dict) -> dict[str, float | None]:
 def prompt_logprobs_missing(server) -> str | None:
     """None when the server echoes per-token log-probabilities of the prompt (`echo=true`), which lm-eval's
     log-likelihood requests read; otherwise what it does instead (one probe request)."""
-    import openai
-
-    from . import serve
-
     try:
         r = serve.client(server, timeout=30).completions.create(model=server.model, prompt="one two three four",
                                                                 max_tokens=1, echo=True, logprobs=1, temperature=0)

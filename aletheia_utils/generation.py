@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from . import data
+import openai
+
+from . import data, serve
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,6 @@ def server_answers(server, prompts: Sequence[str], *, max_new_tokens: int, sampl
                    concurrency: int = 4, timeout: float = 300) -> list[Answer | None]:
     """Greedy chat answers from an OpenAI-compatible server, decoded `concurrency` at a time (None where a request
     failed). `sampling`: llama-server's own sampler fields (e.g. `dry_multiplier`), sent as they are."""
-    import openai
-
-    from . import serve
-
     api = serve.client(server, timeout=timeout)
 
     def one(prompt: str) -> Answer | None:

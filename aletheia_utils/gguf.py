@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data, llamacpp
+from .pipeline import write_json
 from .serve import ServerError, check_gguf
 
 
@@ -206,6 +207,4 @@ def check_metadata(meta: dict, tokenizer) -> dict:
 
 def write_table(rows: list[dict], out: Path) -> Path:
     """The ladder as JSON rows (paths as strings), written atomically."""
-    from .pipeline import write_json
-
     return write_json(out, json.loads(json.dumps(rows, default=str)))
