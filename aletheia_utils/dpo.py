@@ -9,12 +9,12 @@ and a reference forward, and the evaluations before and after training share one
 from __future__ import annotations
 
 from . import config as config_mod
-from . import curate, pipeline, sft
+from . import data, pipeline, sft
 
 
 def fit_pairs(rows: list[dict], tokenizer, max_len: int, policy: str) -> tuple[list[dict], int]:
     """`sft.apply_overlong` for pairs, measured on the prompt with the longer of the two answers."""
-    texts = [curate.format_example(r["prompt"], max(r["chosen"], r["rejected"], key=len), "chat_template", tokenizer)
+    texts = [data.format_example(r["prompt"], max(r["chosen"], r["rejected"], key=len), "chat_template", tokenizer)
              for r in rows]
     return sft.apply_overlong(rows, texts, tokenizer, max_len, policy)
 
@@ -34,8 +34,8 @@ def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
 
     d, stage = cfg.dpo, paths.stage("03_dpo")
     data_dir, adapter = paths.root / "01_curate", paths.root / "02_sft" / "adapter"
-    train_rows = sft.load_split(data_dir / "dpo.jsonl", "dpo")
-    val_rows = sft.load_split(data_dir / "dpo_val.jsonl", "dpo")
+    train_rows = data.load_split(data_dir / "dpo.jsonl", "dpo")
+    val_rows = data.load_split(data_dir / "dpo_val.jsonl", "dpo")
     if not (adapter / "adapter_config.json").is_file():
         raise sft.TrainingDataError(f"{adapter}: no SFT adapter (run 02_sft first)")
     precision = sft.resolve_precision(d.precision)

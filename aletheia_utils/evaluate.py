@@ -19,8 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import openai
 
-from . import curate, generation, pipeline, sft
+from . import data, generation, pipeline, serve
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 OWN_TASKS = ("aletheia_mc", "aletheia_pref", "aletheia_ppl", "aletheia_humaneval")
@@ -78,7 +79,7 @@ def mc_rows(rows: list[dict], tokenizer, style: str, seed: int, choices: int = 4
         options = [first_words(rows[j]["response"], max_words) for j in [i, *others]]
         order = list(range(choices))
         rng.shuffle(order)
-        out.append({"id": r.get("id", i), "context": curate.format_prompt(r["prompt"], style, tokenizer),
+        out.append({"id": r.get("id", i), "context": data.format_prompt(r["prompt"], style, tokenizer),
                     "choices": [options[k] for k in order], "label": order.index(0)})
     return out
 
@@ -86,7 +87,7 @@ def mc_rows(rows: list[dict], tokenizer, style: str, seed: int, choices: int = 4
 def pref_rows(pairs: list[dict], tokenizer, style: str) -> list[dict]:
     """Held-out DPO pairs as a 2-way choice: the whole chosen answer (label 0) against the whole rejected one, as
     DPO compares them (a cut could make a degraded copy identical to its original)."""
-    return [{"id": p.get("id", i), "context": curate.format_prompt(p["prompt"], style, tokenizer),
+    return [{"id": p.get("id", i), "context": data.format_prompt(p["prompt"], style, tokenizer),
              "choices": [p["chosen"], p["rejected"]], "label": 0} for i, p in enumerate(pairs)]
 
 
@@ -105,7 +106,7 @@ def build_task_data(eval_file: Path, dpo_val_file: Path, out_dir: Path, *, token
         target = out_dir / TASK_DATA[task]
         target.unlink(missing_ok=True)  # never leave an earlier run's data behind a failure
         try:
-            status[task] = {"rows": curate.write_jsonl(target, build(sft.load_split(path, kind))), "source": str(path)}
+            status[task] = {"rows": data.write_jsonl(target, build(data.load_split(path, kind))), "source": str(path)}
         except (ValueError, OSError) as e:
             status[task] = {"error": str(e).splitlines()[0] if str(e) else reason(e)}
     return status
@@ -121,11 +122,11 @@ def humaneval_prompts() -> list[str]:
 def contamination(task_prompts: dict[str, list[str]], train_files: Sequence[Path]) -> dict:
     """Per task: how many of its prompts appear (canonical text) among the prompts of the training files."""
     train = [r["prompt"] for f in train_files if Path(f).is_file()
-             for r in curate.load_rows([f], "dpo" if "dpo" in Path(f).name else "sft", on_invalid="skip")[0]]
+             for r in data.load_rows([f], "dpo" if "dpo" in Path(f).name else "sft", on_invalid="skip")[0]]
     out = {}
     for task, prompts in task_prompts.items():
-        hits = {curate.canonical(p) for p in curate.contaminated(train, prompts)}
-        out[task] = {"prompts": len(prompts), "contaminated": sum(curate.canonical(p) in hits for p in prompts),
+        hits = {data.canonical(p) for p in data.contaminated(train, prompts)}
+        out[task] = {"prompts": len(prompts), "contaminated": sum(data.canonical(p) in hits for p in prompts),
                      "examples": sorted(hits)[:3]}
     return {"train_files": [str(f) for f in train_files if Path(f).is_file()], "train_prompts": len(train),
             "tasks": out}
@@ -216,10 +217,6 @@ def scores(task_result: dict) -> dict[str, float | None]:
 def prompt_logprobs_missing(server) -> str | None:
     """None when the server echoes per-token log-probabilities of the prompt (`echo=true`), which lm-eval's
     log-likelihood requests read; otherwise what it does instead (one probe request)."""
-    import openai
-
-    from . import serve
-
     try:
         r = serve.client(server, timeout=30).completions.create(model=server.model, prompt="one two three four",
                                                                 max_tokens=1, echo=True, logprobs=1, temperature=0)

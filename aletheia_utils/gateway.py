@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException
 
 from . import config as config_mod
-from . import serve
+from . import pii, serve
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -132,9 +132,7 @@ class PiiFilter:
     """The default filter: the curation scrubber's recognizers (e-mail, phone, IP, card, API keys) → placeholders."""
 
     def __init__(self):
-        from . import curate
-
-        self._scrubber, self._names = curate.PiiScrubber(), curate.PII_PLACEHOLDERS
+        self._scrubber, self._names = pii.PiiScrubber(), pii.PII_PLACEHOLDERS
 
     def __call__(self, text: str) -> list[Span]:
         return [(r.start, r.end, self._names.get(r.entity_type, "<REDACTED>")) for r in self._scrubber.find(text)]

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from . import curate
+import openai
+
+from . import data, serve
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ def hf_answers(model, tokenizer, prompts: Sequence[str], style: str, *, max_new_
     eos, out = _eos_ids(model, tokenizer), []
     try:
         for i in range(0, len(prompts), batch_size):
-            texts = [curate.format_prompt(p, style, tokenizer) for p in prompts[i:i + batch_size]]
+            texts = [data.format_prompt(p, style, tokenizer) for p in prompts[i:i + batch_size]]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.inference_mode():
                 ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
@@ -61,10 +63,6 @@ def server_answers(server, prompts: Sequence[str], *, max_new_tokens: int, sampl
                    concurrency: int = 4, timeout: float = 300) -> list[Answer | None]:
     """Greedy chat answers from an OpenAI-compatible server, decoded `concurrency` at a time (None where a request
     failed). `sampling`: llama-server's own sampler fields (e.g. `dry_multiplier`), sent as they are."""
-    import openai
-
-    from . import serve
-
     api = serve.client(server, timeout=timeout)
 
     def one(prompt: str) -> Answer | None:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import llamacpp
+from . import data, llamacpp
+from .pipeline import write_json
 from .serve import ServerError, check_gguf
 
 
@@ -112,12 +113,10 @@ class Probe:
 
 def probes(model, tokenizer, rows: list[dict], style: str, greedy_tokens: int, batch_size: int = 8) -> list[Probe]:
     """Tokenize held-out (prompt, response) rows once; the HF model's greedy answer is the agreement target."""
-    from . import curate
-
     prompts, responses = [], []
     for row in rows:
-        prompt = tokenizer(curate.format_prompt(row["prompt"], style, tokenizer), add_special_tokens=False).input_ids
-        full = tokenizer(curate.format_example(row["prompt"], row["response"], style, tokenizer),
+        prompt = tokenizer(data.format_prompt(row["prompt"], style, tokenizer), add_special_tokens=False).input_ids
+        full = tokenizer(data.format_example(row["prompt"], row["response"], style, tokenizer),
                          add_special_tokens=False).input_ids
         if full[:len(prompt)] != prompt:
             raise GGUFError("the prompt's tokens are not a prefix of prompt+response; cannot score responses")
@@ -208,6 +207,4 @@ def check_metadata(meta: dict, tokenizer) -> dict:
 
 def write_table(rows: list[dict], out: Path) -> Path:
     """The ladder as JSON rows (paths as strings), written atomically."""
-    from .pipeline import write_json
-
     return write_json(out, json.loads(json.dumps(rows, default=str)))

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from . import curate, sft
+from . import data, sft
 
 
 def load_adapter_model(base_model: str, adapter: Path):
@@ -50,7 +50,7 @@ def logits_on(model, tokenizer, prompts: list[str], style: str):
     out = []
     with torch.no_grad():
         for p in prompts:
-            ids = tokenizer(curate.format_prompt(p, style, tokenizer), return_tensors="pt", add_special_tokens=False)
+            ids = tokenizer(data.format_prompt(p, style, tokenizer), return_tensors="pt", add_special_tokens=False)
             out.append(model(**ids).logits[0].float())
     return out
 
@@ -68,7 +68,7 @@ def model_card(target: Path, *, base_model: str, adapter: Path, data_files: list
     lines = ["# Aletheia merged model", "", f"- Base model: `{base_model}`",
              f"- Adapter merged: `{adapter}` (SFT, then DPO on the same adapter)", "", "## Data", "",
              "| file | sha256 |", "| --- | --- |"]
-    lines += [f"| `{f.name}` | `{curate.sha256(f)}` |" for f in data_files if f.exists()]
+    lines += [f"| `{f.name}` | `{data.sha256(f)}` |" for f in data_files if f.exists()]
     lines += ["", "## Training metrics", "", "```json", json.dumps(metrics, indent=2, default=str), "```",
               "", "## Merge check", "",
               f"Logits of the merged model against the adapter model on {check['prompts']} held-out prompts: "

@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from . import config as config_mod
-from . import curate, models, pipeline
+from . import data, models, pipeline
 
 COMPLETE = "COMPLETE"  # marker file: this checkpoint was fully written and synced
 
@@ -79,32 +79,19 @@ def lora_config(lora: config_mod.Lora):
 
 # ---------------------------------------------------------------- data
 
-def load_split(path: Path, kind: str) -> list[dict]:
-    """Rows of a curated split, validated; a missing, invalid or empty split is a `TrainingDataError`."""
-    if not path.is_file():
-        raise TrainingDataError(f"{path}: split not found (run 01_curate first)")
-    ok, problems = curate.validate_file(path, kind)
-    if problems:
-        raise TrainingDataError(str(curate.InvalidData(problems)))
-    if ok == 0:
-        raise TrainingDataError(f"{path}: split is empty")
-    rows, _ = curate.load_rows([path], kind)
-    return rows
-
-
 def sft_records(rows: list[dict], style: str) -> list[dict]:
     """prompt/completion records TRL understands: conversational for the chat template, plain text with the
     seed's markers otherwise (TRL appends the EOS token to a plain completion)."""
     if style == "chat_template":
         return [{"prompt": [{"role": "user", "content": r["prompt"]}],
                  "completion": [{"role": "assistant", "content": r["response"]}]} for r in rows]
-    return [{"prompt": curate.format_prompt(r["prompt"], "markers"), "completion": r["response"]} for r in rows]
+    return [{"prompt": data.format_prompt(r["prompt"], "markers"), "completion": r["response"]} for r in rows]
 
 
 def apply_overlong(rows: list[dict], texts: list[str], tokenizer, max_len: int, policy: str) -> tuple[list[dict], int]:
     """Rows whose formatted text exceeds `max_len` tokens are dropped, left to the trainer's truncation, or
     fail the stage (`policy`); returns the rows kept and how many were over."""
-    lengths = curate.token_lengths(texts, tokenizer)
+    lengths = data.token_lengths(texts, tokenizer)
     over = {i for i, n in enumerate(lengths) if n > max_len}
     if over and policy == "fail":
         raise TrainingDataError(f"{len(over)} example(s) are longer than max_seq_length={max_len} tokens "
@@ -114,7 +101,7 @@ def apply_overlong(rows: list[dict], texts: list[str], tokenizer, max_len: int, 
 
 def fit_to_length(rows: list[dict], tokenizer, style: str, max_len: int, policy: str) -> tuple[list[dict], int]:
     """`apply_overlong` for SFT rows, measured as the trainer will format them."""
-    texts = [curate.format_example(r["prompt"], r["response"], style, tokenizer) for r in rows]
+    texts = [data.format_example(r["prompt"], r["response"], style, tokenizer) for r in rows]
     return apply_overlong(rows, texts, tokenizer, max_len, policy)
 
 
@@ -232,7 +219,7 @@ def fingerprint(*parts, files: tuple[Path, ...] = ()) -> str:
     """What a checkpoint was trained from: settings and input file hashes. Only a matching one is resumed."""
     h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     for f in files:
-        h.update(curate.sha256(f).encode())
+        h.update(data.sha256(f).encode())
     return h.hexdigest()[:16]
 
 
@@ -366,7 +353,8 @@ def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
 
     s, stage = cfg.sft, paths.stage("02_sft")
     data_dir = paths.root / "01_curate"
-    train_rows, val_rows = load_split(data_dir / "sft.jsonl", "sft"), load_split(data_dir / "sft_val.jsonl", "sft")
+    train_rows = data.load_split(data_dir / "sft.jsonl", "sft")
+    val_rows = data.load_split(data_dir / "sft_val.jsonl", "sft")
     if s.init_adapter and not (Path(s.init_adapter) / "adapter_config.json").is_file():
         raise TrainingDataError(f"sft.init_adapter: {s.init_adapter} is not an adapter folder "
                                 "(no adapter_config.json)")

@@ -65,7 +65,7 @@ def main() -> None:
     merged = run / "04_merge" / "model"
     if not (merged / "config.json").is_file():
         raise SystemExit(f"{merged}: no merged model; run the pipeline to 04_merge first")
-    prompts = [r["prompt"] for r in au.sft.load_split(run / "01_curate" / "eval.jsonl", "sft")[:args.prompts]]
+    prompts = [r["prompt"] for r in au.data.load_split(run / "01_curate" / "eval.jsonl", "sft")[:args.prompts]]
     gguf, gguf_kind = common.pick_gguf(run, cfg)
     machine = common.machine()
     variants = {"transformers generate fp32": hf_generate(str(merged), prompts, args.max_tokens, torch.float32),

@@ -83,9 +83,9 @@ def main() -> None:
     decodings = dict((d.split("=", 1)[0], json.loads(d.split("=", 1)[1])) for d in args.decoding) or {
         "params": cfg.eval.generation.sampling.model_dump()}
     au.pipeline.use_threads(cfg)
-    rows = au.sft.load_split(source / "01_curate" / "sft_val.jsonl", "sft")[:args.limit]
+    rows = au.data.load_split(source / "01_curate" / "sft_val.jsonl", "sft")[:args.limit]
     prompts, references = [r["prompt"] for r in rows], [r["response"] for r in rows]
-    embed = au.curate.Embedder()
+    embed = au.embed.Embedder()
     result = {"machine": common.machine(), "source_run": os.path.relpath(source, common.ROOT), "prompts": len(prompts),
               "split": "sft_val",
               "max_new_tokens": cfg.eval.generation.max_new_tokens, "decodings": decodings, "models": {}}

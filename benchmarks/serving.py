@@ -43,7 +43,7 @@ def main() -> None:
     run = common.source_run(args.run_dir)
     cfg = au.config.load(common.ROOT / "params" / "default.yaml")
     gguf, gguf_kind = common.pick_gguf(run, cfg)
-    prompts = [r["prompt"] for r in au.sft.load_split(run / "01_curate" / "eval.jsonl", "sft")]
+    prompts = [r["prompt"] for r in au.data.load_split(run / "01_curate" / "eval.jsonl", "sft")]
     machine = common.machine()
     servers = {
         "llama-cpp-python server (stock)": lambda: au.serve.llama_cpp_python_server(gguf, threads=args.threads),

@@ -91,15 +91,15 @@ def main() -> None:
         "dpo.max_steps": -1, "dpo.num_epochs": 1, "dpo.logging_steps": 1, "dpo.eval_steps": 10**6,
         "dpo.save_steps": 10**6})
     _, tok = au.sft.load_base(cfg.run.base_model)
-    fit = lambda name, n: au.dpo.fit_pairs(au.sft.load_split(source / "01_curate" / name, "dpo"), tok,  # noqa: E731
+    fit = lambda name, n: au.dpo.fit_pairs(au.data.load_split(source / "01_curate" / name, "dpo"), tok,  # noqa: E731
                                           cfg.dpo.max_seq_length, cfg.dpo.overlong)[0][:n]
     rows, val_rows = fit("dpo.jsonl", args.pairs), fit("dpo_val.jsonl", args.val_pairs)
     results, profiled = [], None
     with common.scratch_run(source, "02_sft") as run_root:
         data = run_root / "01_curate"  # the project path reads exactly these pairs
         data.mkdir()
-        au.curate.write_jsonl(data / "dpo.jsonl", rows)
-        au.curate.write_jsonl(data / "dpo_val.jsonl", val_rows)
+        au.data.write_jsonl(data / "dpo.jsonl", rows)
+        au.data.write_jsonl(data / "dpo_val.jsonl", val_rows)
         builders = {"stock": lambda: stock_trainer(cfg, source, rows, val_rows),
                     "project": lambda: project_trainer(cfg, run_root)}
         for name in args.variants.split(","):

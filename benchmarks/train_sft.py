@@ -96,9 +96,9 @@ def main() -> None:
     from datasets import Dataset
 
     _, tok = au.sft.load_base(cfg.run.base_model)
-    rows, _ = au.sft.fit_to_length(au.sft.load_split(source / "01_curate" / "sft.jsonl", "sft"), tok, "chat_template",
+    rows, _ = au.sft.fit_to_length(au.data.load_split(source / "01_curate" / "sft.jsonl", "sft"), tok, "chat_template",
                                    cfg.sft.max_seq_length, cfg.sft.overlong)
-    val_rows, _ = au.sft.fit_to_length(au.sft.load_split(source / "01_curate" / "sft_val.jsonl", "sft"), tok,
+    val_rows, _ = au.sft.fit_to_length(au.data.load_split(source / "01_curate" / "sft_val.jsonl", "sft"), tok,
                                        "chat_template", cfg.sft.max_seq_length, cfg.sft.overlong)
     val = Dataset.from_list(au.sft.sft_records(val_rows[:args.val_rows], "chat_template"))
     rows_out, profiled = [], None

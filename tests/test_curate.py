@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aletheia_utils import curate
+from aletheia_utils import curate, data, pii
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {"id": "t-1", "topic": "networking", "source": "test", "question": "Why does TCP need a handshake?",
@@ -46,19 +46,19 @@ def test_each_bad_row_is_reported_with_file_line_and_field(tmp_path, line, kind,
     good = {"raw": GOOD, "sft": {"prompt": "p", "response": "r"},
             "dpo": {"prompt": "p", "chosen": "a", "rejected": "b"}}
     path = write_lines(tmp_path / "in.jsonl", [good[kind], "", line, good[kind]])
-    ok, problems = curate.validate_file(path, kind)
+    ok, problems = data.validate_file(path, kind)
     assert ok == 2
     assert [str(p) for p in problems] == [f"{path}:3: {message}"]
 
 
 def test_load_rows_fails_on_any_problem_or_skips_with_reasons(tmp_path):
     path = write_lines(tmp_path / "in.jsonl", [GOOD, {**GOOD, "answer": None}, "{oops"])
-    with pytest.raises(curate.InvalidData) as err:
-        curate.load_rows([path], "raw")
+    with pytest.raises(data.InvalidData) as err:
+        data.load_rows([path], "raw")
     assert str(err.value).splitlines() == [f"{path}:2: answer: null",
                                            f"{path}:3: (row): malformed JSON (Expecting property name enclosed "
                                            "in double quotes at column 2)"]
-    rows, rejected = curate.load_rows([path], "raw", on_invalid="skip")
+    rows, rejected = data.load_rows([path], "raw", on_invalid="skip")
     assert [r["id"] for r in rows] == ["t-1"] and rows[0]["_line"] == 1
     assert [(r["line"], r["reasons"]) for r in rejected] == [(2, ["answer: null"]), (3, [rejected[1]["reasons"][0]])]
 
@@ -75,7 +75,7 @@ def test_validate_data_command_exit_codes(tmp_path):
 
 def test_shipped_raw_corpus_is_valid_and_large_enough():
     files = sorted((ROOT / "data" / "raw").glob("*.jsonl"))
-    rows, _ = curate.load_rows(files, "raw")
+    rows, _ = data.load_rows(files, "raw")
     authored = [r for r in rows if r["source"] == "aletheia-authored"]
     assert len(authored) >= 500 and len({r["id"] for r in rows}) == len(rows)
     words = [len(r["answer"].split()) for r in authored]
@@ -92,7 +92,7 @@ def test_normalize_removes_debris_and_keeps_code():
 
 
 def test_pii_is_replaced_by_typed_placeholders_and_configuration_is_kept():
-    scrubber = curate.PiiScrubber()
+    scrubber = pii.PiiScrubber()
     text = ("Mail jane.doe@example.com, call +1 415-555-0142, host 203.0.113.7, key "
             "sk-live-4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c and ghp_" + "a1" * 18 + ". Keep 127.0.0.1, 10.0.0.0/8, "
             "::1 and zfs_arc_max=17179869184.")
@@ -151,7 +151,7 @@ def test_split_is_deterministic_sized_and_keeps_groups_together():
 
 
 def test_contamination_check_is_on_canonical_text():
-    assert curate.contaminated(["What is  TCP?", "Other"], ["what is tcp"]) == ["What is  TCP?"]
+    assert data.contaminated(["What is  TCP?", "Other"], ["what is tcp"]) == ["What is  TCP?"]
 
 
 def test_degrade_always_differs_and_says_how():

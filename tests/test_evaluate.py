@@ -26,15 +26,15 @@ def base_dir():
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory):
     """Held-out eval and dpo_val files made from six rows of the shipped corpus."""
-    rows, _ = au.curate.load_rows(sorted((ROOT / "data" / "raw").glob("*.jsonl")), "raw", on_invalid="skip")
+    rows, _ = au.data.load_rows(sorted((ROOT / "data" / "raw").glob("*.jsonl")), "raw", on_invalid="skip")
     rows = [r for r in rows if len(r["answer"].split()) > 40][:6]
     folder = tmp_path_factory.mktemp("curated")
-    au.curate.write_jsonl(folder / "eval.jsonl", [{"id": r["id"], "prompt": r["question"], "response": r["answer"]}
-                                                  for r in rows])
+    au.data.write_jsonl(folder / "eval.jsonl", [{"id": r["id"], "prompt": r["question"], "response": r["answer"]}
+                                                for r in rows])
     rng = random.Random(0)
-    au.curate.write_jsonl(folder / "dpo_val.jsonl", [{"prompt": r["question"], "chosen": r["answer"],
-                                                      "rejected": au.curate.degrade(r["answer"], r["topic"], rng)[0]}
-                                                     for r in rows])
+    au.data.write_jsonl(folder / "dpo_val.jsonl", [{"prompt": r["question"], "chosen": r["answer"],
+                                                    "rejected": au.curate.degrade(r["answer"], r["topic"], rng)[0]}
+                                                   for r in rows])
     return folder
 
 

@@ -53,13 +53,13 @@ def test_smoke_run_executes_every_stage(smoke_run):
 
 @pytest.mark.slow
 def test_smoke_curation_writes_valid_files_and_a_data_card(smoke_run):
-    from aletheia_utils import curate
+    from aletheia_utils import data
 
     run_dir, _ = smoke_run
     stage = run_dir / "01_curate"
     metrics = json.loads((run_dir / "metrics" / "01_curate.json").read_text())
     for name, kind in (("sft.jsonl", "sft"), ("sft_val.jsonl", "sft"), ("eval.jsonl", "sft"), ("dpo.jsonl", "dpo")):
-        ok, problems = curate.validate_file(stage / name, kind)
+        ok, problems = data.validate_file(stage / name, kind)
         assert ok == metrics["files"][name] > 0 and problems == []
     assert metrics["funnel"][0]["remaining"] == 120
     assert sum(metrics["splits"].values()) == metrics["funnel"][-1]["remaining"]

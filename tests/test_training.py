@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aletheia_utils import config, curate, dpo, pipeline, sft
+from aletheia_utils import config, data, dpo, pipeline, sft
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"
 
 
 def corpus_rows(n: int) -> list[dict]:
-    rows, _ = curate.load_rows(sorted((ROOT / "data" / "raw").glob("*_authored.jsonl")), "raw")
+    rows, _ = data.load_rows(sorted((ROOT / "data" / "raw").glob("*_authored.jsonl")), "raw")
     return [{"prompt": r["question"], "response": r["answer"]} for r in rows[:n]]
 
 
@@ -36,11 +36,11 @@ def make_run(tmp_path: Path, overrides: dict | None = None, n_train: int = 24) -
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tree))
     run_dir = tmp_path / "run"
-    data = run_dir / "01_curate"
-    data.mkdir(parents=True)
+    curated = run_dir / "01_curate"
+    curated.mkdir(parents=True)
     rows = corpus_rows(n_train + 6)
-    curate.write_jsonl(data / "sft.jsonl", rows[:n_train])
-    curate.write_jsonl(data / "sft_val.jsonl", rows[n_train:])
+    data.write_jsonl(curated / "sft.jsonl", rows[:n_train])
+    data.write_jsonl(curated / "sft_val.jsonl", rows[n_train:])
     return params, run_dir
 
 
@@ -49,21 +49,22 @@ def build(params: Path, run_dir: Path, builder=sft.build_trainer):
     return builder(cfg, pipeline.RunPaths.for_run(cfg, run_dir))
 
 
-@pytest.mark.parametrize("setup, overrides, message", [
-    (lambda d: (d / "sft.jsonl").unlink(), {}, "sft.jsonl: split not found (run 01_curate first)"),
-    (lambda d: (d / "sft_val.jsonl").write_text(""), {}, "sft_val.jsonl: split is empty"),
-    (lambda d: (d / "sft.jsonl").write_text('{"prompt": "p"}\n'), {}, "sft.jsonl:1: response: missing"),
-    (lambda d: None, {"sft.lora.target_modules": ["q_proj", "qkv_proj"]},
+@pytest.mark.parametrize("setup, overrides, error, message", [
+    (lambda d: (d / "sft.jsonl").unlink(), {}, data.SplitError, "sft.jsonl: split not found (run 01_curate first)"),
+    (lambda d: (d / "sft_val.jsonl").write_text(""), {}, data.SplitError, "sft_val.jsonl: split is empty"),
+    (lambda d: (d / "sft.jsonl").write_text('{"prompt": "p"}\n'), {}, data.SplitError,
+     "sft.jsonl:1: response: missing"),
+    (lambda d: None, {"sft.lora.target_modules": ["q_proj", "qkv_proj"]}, sft.TrainingDataError,
      "sft.lora.target_modules: the model has no module named qkv_proj; its linear layers are"),
-    (lambda d: None, {"sft.init_adapter": "/nonexistent/adapter"},
+    (lambda d: None, {"sft.init_adapter": "/nonexistent/adapter"}, sft.TrainingDataError,
      "sft.init_adapter: /nonexistent/adapter is not an adapter folder"),
-    (lambda d: None, {"sft.overlong": "fail", "sft.max_seq_length": 64},
+    (lambda d: None, {"sft.overlong": "fail", "sft.max_seq_length": 64}, sft.TrainingDataError,
      "example(s) are longer than max_seq_length=64 tokens"),
 ])
-def test_bad_sft_input_stops_before_training(tmp_path, setup, overrides, message):
+def test_bad_sft_input_stops_before_training(tmp_path, setup, overrides, error, message):
     params, run_dir = make_run(tmp_path, overrides)
     setup(run_dir / "01_curate")
-    with pytest.raises(sft.TrainingDataError, match=None) as err:
+    with pytest.raises(error) as err:
         build(params, run_dir)
     assert message in str(err.value)
     assert not (run_dir / "02_sft" / "checkpoints").exists() or not any((run_dir / "02_sft" / "checkpoints").iterdir())
@@ -79,7 +80,7 @@ def test_dpo_needs_the_sft_adapter(tmp_path):
     params, run_dir = make_run(tmp_path)
     pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "It depends."} for r in corpus_rows(4)]
     for name in ("dpo.jsonl", "dpo_val.jsonl"):
-        curate.write_jsonl(run_dir / "01_curate" / name, pairs)
+        data.write_jsonl(run_dir / "01_curate" / name, pairs)
     with pytest.raises(sft.TrainingDataError, match="no SFT adapter"):
         build(params, run_dir, dpo.build_trainer)
 
@@ -91,7 +92,7 @@ def test_dpo_sft_weight_adds_the_chosen_answers_nll(tmp_path):
     sft.save_adapter(trainer, trainer.processing_class, run_dir / "02_sft" / "adapter")
     pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "It depends."} for r in corpus_rows(3)]
     for name in ("dpo.jsonl", "dpo_val.jsonl"):
-        curate.write_jsonl(run_dir / "01_curate" / name, pairs)
+        data.write_jsonl(run_dir / "01_curate" / name, pairs)
     losses = {}
     for weight in (0.0, 1.0):
         cfg = config.load(params, {"dpo.sft_weight": weight})
