@@ -5,6 +5,11 @@ importing the training stack.
 """
 
 import importlib
+import logging
+
+# On AVX512-BF16 CPUs bitsandbytes' CPU backend tries to fetch a 4-bit GEMM kernel from the Hub at import and warns
+# when it cannot; the course runs offline and uses no 4-bit CPU kernel, so that line stays out of every stage's log.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = ["config", "curate", "data", "dpo", "embed", "evaluate", "gateway", "generation", "gguf", "llamacpp", "merge",
            "models", "pii", "pipeline", "plots", "serve", "sft"]

@@ -115,18 +115,34 @@ class StageFailed(RuntimeError):
     """A notebook raised; the message names the stage, the cell and the error."""
 
 
+def _ipc_kernel_manager(socket_dir: str):
+    """A kernel manager whose kernel talks over local IPC sockets in `socket_dir`, not TCP ports: nothing listens
+    on the network, and the kernel has no reason to warn about unencrypted TCP."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(transport="ipc", ip=os.path.join(socket_dir, "kernel"), **kwargs)
+
+    return IPCKernelManager
+
+
 def _execute(stage: str, notebooks: Path, paths: RunPaths, log_output: bool) -> None:
+    import tempfile
+
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     out = paths.root / "notebooks" / f"{stage}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        papermill.execute_notebook(
-            str(notebooks / f"{stage}.ipynb"), str(out),
-            parameters={"params_file": str(paths.params), "run_dir": str(paths.root)},
-            cwd=str(notebooks), kernel_name="python3", progress_bar=False, log_output=log_output,
-        )
+        with tempfile.TemporaryDirectory(prefix="aletheia-kernel-") as sockets:
+            papermill.execute_notebook(
+                str(notebooks / f"{stage}.ipynb"), str(out),
+                parameters={"params_file": str(paths.params), "run_dir": str(paths.root)},
+                cwd=str(notebooks), kernel_name="python3", progress_bar=False, log_output=log_output,
+                kernel_manager_class=_ipc_kernel_manager(sockets),
+            )
     except PapermillExecutionError as e:
         raise StageFailed(f"{stage} failed in cell {e.exec_count}: {e.ename}: {e.evalue}") from None
     finally:

@@ -39,6 +39,7 @@ def test_smoke_run_executes_every_stage(smoke_run):
     for s in STAGES:
         assert json.loads((run_dir / "metrics" / f"{s}.json").read_text())["stage"] == s
     assert "[1/8] 01_curate: running" in proc.stdout and "[8/8] 08_evaluate: done" in proc.stdout
+    assert "without encryption" not in proc.stderr  # kernels talk over IPC sockets, not TCP
     for s in STAGES:
         assert json.loads((run_dir / "metrics" / f"{s}.json").read_text()).get("implemented") is True, s
     ladder = json.loads((run_dir / "06_gguf" / "quants.json").read_text())
