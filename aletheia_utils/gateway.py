@@ -208,6 +208,42 @@ class ApiError(Exception):
         self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a number")
+    return value
+
+
+def parse_body(raw: bytes):
+    """The request body as JSON, or `ApiError` 400: besides malformed JSON this refuses what Python's parser
+    accepts but JSON (and so a backend) does not: NaN/Infinity, numbers that overflow to infinity, strings with a
+    lone surrogate (`"\\ud800"`), nesting deeper than the parser's recursion limit."""
+    try:
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise ApiError(400, "the request body nests too deeply", code="invalid_json") from None
+    except ValueError as e:  # also UnicodeDecodeError
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    encode(body)
+    return body
+
+
+def encode(body) -> bytes:
+    """`body` as JSON for a backend; what cannot be encoded came from the client, so it is a 400."""
+    try:
+        return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body is not valid JSON: a string holds a lone surrogate (\\ud800-\\udfff)",
+                       code="invalid_json") from None
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"the request body cannot be sent on as JSON: {e}", code="invalid_json") from None
+
+
 def _content_ok(content) -> bool:
     if isinstance(content, str):
         return True
@@ -410,15 +446,17 @@ def _held_back(chunk: dict, field: tuple[str, str | None]) -> bool:
         and (not inner or set(c.get(outer) or {}) <= {inner}) for c in chunk["choices"])
 
 
-def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable[[str], list[Span]] | None):
+def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable[[str], list[Span]] | None, *,
+               transport: httpx.AsyncBaseTransport | None = None):
     """The FastAPI app; `keys` maps each accepted bearer key to its rate limit, `output_filter` maps text to
-    (start, end, replacement) spans (None: no filter)."""
+    (start, end, replacement) spans (None: no filter). `transport` replaces the network to the backends (tests)."""
     metrics = Metrics()
     pool = Pool(cfg, lambda b: metrics.healthy.labels(b.url).set(int(b.healthy)))
     accepted = [(_hash(k), limits.parse(limit)) for k, limit in keys.items()]
     limiter = MovingWindowRateLimiter(MemoryStorage())
     http = httpx.AsyncClient(timeout=httpx.Timeout(cfg.request_timeout_s, connect=cfg.connect_timeout_s),
-                             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+                             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                             transport=transport)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -481,10 +519,7 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
             raw += piece
             if len(raw) > cfg.max_body_bytes:
                 raise ApiError(413, f"request body over {cfg.max_body_bytes} bytes", code="request_too_large")
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+        return parse_body(raw)
 
     def backend_error(status: int, raw: bytes) -> ApiError:
         try:
@@ -500,9 +535,9 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
         tried: set[str] = set()
         while (b := pool.pick(tried)) is not None:
             tried.add(b.url)
-            headers = {"Authorization": f"Bearer {b.key}"} if b.key else {}
+            headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {b.key}"} if b.key else {})}
             request = http.build_request("POST", b.url + route.removeprefix("/v1"), headers=headers,
-                                         json={**body, "model": b.model})
+                                         content=encode({**body, "model": b.model}))
             try:
                 resp = await gone.run(http.send(request, stream=True))
             except httpx.TimeoutException:
