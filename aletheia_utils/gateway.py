@@ -22,7 +22,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -415,6 +415,21 @@ class _Disconnect:
         self.watch.cancel()
 
 
+class _Stream(StreamingResponse):
+    """A streamed answer whose `cleanup` runs however it ends: a generator the server drops before its first chunk
+    (the client left at once) never runs its own `finally`."""
+
+    def __init__(self, content, cleanup: Callable[[], Awaitable[None]], **kw):
+        super().__init__(content, **kw)
+        self.cleanup = cleanup
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.cleanup()
+
+
 def _hash(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
@@ -530,16 +545,28 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
         return ApiError(status, message, type_="invalid_request_error" if status < 500 else "server_error",
                         code="backend_error")
 
+    def busy(b: Upstream, delta: int) -> None:
+        b.in_flight += delta
+        metrics.in_flight.labels(b.url).set(b.in_flight)
+
+    async def release(b: Upstream, resp: httpx.Response) -> None:
+        busy(b, -1)
+        await resp.aclose()
+
     async def open_upstream(route: str, body: dict, gone: _Disconnect):
-        """The first backend that answers 200: (backend, response). Fails over on connection errors and 5xx."""
+        """The first backend that answers 200: (backend, response), the backend counted busy until the caller
+        `release`s it. Fails over on connection errors and 5xx."""
         tried: set[str] = set()
         while (b := pool.pick(tried)) is not None:
             tried.add(b.url)
             headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {b.key}"} if b.key else {})}
             request = http.build_request("POST", b.url + route.removeprefix("/v1"), headers=headers,
                                          content=encode({**body, "model": b.model}))
+            busy(b, 1)  # from the moment it is sent: llama-server sends a non-streamed answer's headers when done
+            answered = False
             try:
                 resp = await gone.run(http.send(request, stream=True))
+                answered = resp.status_code == 200
             except httpx.TimeoutException:
                 raise ApiError(504, f"backend {b.url} did not answer in time", type_="server_error",
                                code="backend_timeout") from None
@@ -547,7 +574,10 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
                 metrics.upstream_errors.labels(b.url).inc()
                 pool.mark(b, False)
                 continue
-            if resp.status_code == 200:
+            finally:
+                if not answered:
+                    busy(b, -1)
+            if answered:
                 return b, resp
             raw = await resp.aread()
             await resp.aclose()
@@ -571,8 +601,6 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
     async def complete(route: str, body: dict, gone: _Disconnect) -> JSONResponse:
         while True:
             b, resp = await open_upstream(route, body, gone)
-            b.in_flight += 1
-            metrics.in_flight.labels(b.url).set(b.in_flight)
             try:
                 raw = await gone.run(resp.aread())
                 break
@@ -580,9 +608,7 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
                 metrics.upstream_errors.labels(b.url).inc()
                 pool.mark(b, False)
             finally:
-                b.in_flight -= 1
-                metrics.in_flight.labels(b.url).set(b.in_flight)
-                await resp.aclose()
+                await release(b, resp)
         try:
             data = json.loads(raw)
         except ValueError:
@@ -612,15 +638,21 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
             except (httpx.TransportError, StopAsyncIteration):
                 metrics.upstream_errors.labels(b.url).inc()
                 pool.mark(b, False)
-                await resp.aclose()
-            except ClientGone:
-                await resp.aclose()
+                await release(b, resp)
+            except BaseException:  # ClientGone, or cancelled
+                await release(b, resp)
                 raise
-        field, redactors = _text_field(route, True), {}
+        field, redactors, released = _text_field(route, True), {}, False
+
+        async def finish():  # once, from the generator or, if the server never started it, from the response
+            nonlocal released
+            if not released:
+                released = True
+                metrics.redactions.inc(sum(r.redactions for r in redactors.values()))
+                gone.close()
+                await release(b, resp)
 
         async def gen():
-            b.in_flight += 1
-            metrics.in_flight.labels(b.url).set(b.in_flight)
             first_token, payload, ended = True, first, False
             try:
                 while payload != "[DONE]":
@@ -647,13 +679,9 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
                 pass
             finally:  # also reached when the server drops the generator because a send to the client failed
                 metrics.cancelled.inc(not ended)
-                metrics.redactions.inc(sum(r.redactions for r in redactors.values()))
-                b.in_flight -= 1
-                metrics.in_flight.labels(b.url).set(b.in_flight)
-                gone.close()
-                await resp.aclose()
+                await finish()
 
-        return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _Stream(gen(), finish, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def proxy(request: Request, route: str):
         start = time.perf_counter()

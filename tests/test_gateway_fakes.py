@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_gateway import CONTEXT, KEY, _assert_openai_error
+from test_gateway import CONTEXT, KEY, _assert_openai_error, _metric
 
 import aletheia_utils as au
 from aletheia_utils import gateway as gw
@@ -201,3 +201,37 @@ def test_fuzz_request_path_never_a_gateway_5xx(fake_gateway, route, body, header
         assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1]), events
     else:
         assert resp.json()["choices"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_least_busy_counts_a_request_from_when_it_is_sent(stream):
+    """llama-server sends a non-streamed answer's headers only when it is done: a backend working on a long
+    request must count as busy before then, so the short requests all go to the idle one."""
+    release = threading.Event()
+
+    async def answer(url, body):
+        if body["messages"][0]["content"] == "long":
+            while not release.is_set():  # the headers come when generation ends
+                await asyncio.sleep(0.01)
+        return _answer(body)
+    with _fake_gateway(answer, balance="least_busy") as client:
+        long = threading.Thread(target=client.post, args=("/v1/chat/completions",),
+                                kwargs={"json": {**CHAT, "stream": stream, "messages": [
+                                    {"role": "user", "content": "long"}]}})
+        long.start()
+        deadline = time.monotonic() + 10
+        while not client.calls:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        busy = client.calls[0][0]
+        for _ in range(6):
+            assert client.post("/v1/chat/completions", json={**CHAT, "stream": stream}).status_code == 200
+        release.set()
+        long.join(10)
+        assert [url for url, _ in client.calls[1:]] == [FAKE_B if busy == FAKE_A else FAKE_A] * 6
+        metrics = _metrics(client)
+        assert [_metric(metrics, "gateway_backend_in_flight", backend=u) for u in (FAKE_A, FAKE_B)] == [0, 0]
+
+
+def _metrics(client) -> str:
+    return client.get("/metrics").text
