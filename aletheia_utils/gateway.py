@@ -553,9 +553,17 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
         busy(b, -1)
         await resp.aclose()
 
+    def failed(b: Upstream) -> None:
+        metrics.upstream_errors.labels(b.url).inc()
+        pool.mark(b, False)
+
+    def timed_out(b: Upstream) -> ApiError:
+        return ApiError(504, f"backend {b.url} did not answer in time", type_="server_error", code="backend_timeout")
+
     async def open_upstream(route: str, body: dict, gone: _Disconnect):
         """The first backend that answers 200: (backend, response), the backend counted busy until the caller
-        `release`s it. Fails over on connection errors and 5xx."""
+        `release`s it. Fails over on connection errors (refused, reset, a connect timeout) and 5xx; a read timeout
+        is a 504 (the backend has the request and may still be working on it)."""
         tried: set[str] = set()
         while (b := pool.pick(tried)) is not None:
             tried.add(b.url)
@@ -566,25 +574,27 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
             answered = False
             try:
                 resp = await gone.run(http.send(request, stream=True))
-                answered = resp.status_code == 200
+                if not (answered := resp.status_code == 200):
+                    try:
+                        raw = await gone.run(resp.aread())
+                    finally:
+                        await resp.aclose()
+            except httpx.ConnectTimeout:
+                failed(b)
+                continue
             except httpx.TimeoutException:
-                raise ApiError(504, f"backend {b.url} did not answer in time", type_="server_error",
-                               code="backend_timeout") from None
+                raise timed_out(b) from None
             except httpx.TransportError:
-                metrics.upstream_errors.labels(b.url).inc()
-                pool.mark(b, False)
+                failed(b)
                 continue
             finally:
                 if not answered:
                     busy(b, -1)
             if answered:
                 return b, resp
-            raw = await resp.aread()
-            await resp.aclose()
             if resp.status_code < 500:
                 raise backend_error(resp.status_code, raw)
-            metrics.upstream_errors.labels(b.url).inc()
-            pool.mark(b, False)
+            failed(b)
         raise ApiError(503, "no healthy backend", type_="server_error", code="no_healthy_backend",
                        headers={"Retry-After": str(math.ceil(cfg.cooldown_s))})
 
@@ -604,9 +614,10 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
             try:
                 raw = await gone.run(resp.aread())
                 break
+            except httpx.TimeoutException:
+                raise timed_out(b) from None
             except httpx.TransportError:  # nothing reached the client yet: another backend may answer
-                metrics.upstream_errors.labels(b.url).inc()
-                pool.mark(b, False)
+                failed(b)
             finally:
                 await release(b, resp)
         try:
@@ -635,9 +646,11 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
             try:
                 first = await gone.run(anext(it))
                 break
+            except httpx.TimeoutException:
+                await release(b, resp)
+                raise timed_out(b) from None
             except (httpx.TransportError, StopAsyncIteration):
-                metrics.upstream_errors.labels(b.url).inc()
-                pool.mark(b, False)
+                failed(b)
                 await release(b, resp)
             except BaseException:  # ClientGone, or cancelled
                 await release(b, resp)
@@ -672,8 +685,7 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
                 ended = True
             except httpx.TransportError as e:  # bytes already went out: no retry, tell the client in-band
                 ended = True
-                metrics.upstream_errors.labels(b.url).inc()
-                pool.mark(b, False)
+                failed(b)
                 yield f"data: {json.dumps(ApiError(502, f'backend failed mid-stream: {e}', 'server_error').body)}\n\n"
             except ClientGone:
                 pass

@@ -235,3 +235,51 @@ def test_least_busy_counts_a_request_from_when_it_is_sent(stream):
 
 def _metrics(client) -> str:
     return client.get("/metrics").text
+
+
+@pytest.mark.parametrize("failure", [httpx.ConnectError, httpx.ConnectTimeout])
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_connect_failures_fail_over_and_mark_the_backend_unhealthy(failure, stream):
+    def answer(url, body):
+        if url == FAKE_A:
+            raise failure("connecting failed")
+        return _answer(body)
+    with _fake_gateway(answer, balance="round_robin") as client:
+        for _ in range(2):
+            resp = client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+            assert resp.status_code == 200, resp.text
+        assert [url for url, _ in client.calls] == [FAKE_A, FAKE_B, FAKE_B], "A is out after its first failure"
+        metrics = _metrics(client)
+        assert _metric(metrics, "gateway_backend_healthy", backend=FAKE_A) == 0
+        assert _metric(metrics, "gateway_upstream_errors_total", backend=FAKE_A) == 1
+
+
+@pytest.mark.parametrize("phase", ["headers", "body", "first event"])
+def test_a_read_timeout_does_not_fail_over(phase):
+    """The request reached the backend (it may be generating): sending it again elsewhere doubles the load."""
+    def answer(url, body):
+        if phase == "headers":
+            raise httpx.ReadTimeout("no answer")
+        kind = "text/event-stream" if body.get("stream") else "application/json"
+        return httpx.Response(200, headers={"content-type": kind},
+                              stream=_Broken(httpx.ReadTimeout("no more bytes"), b'{"id": '))
+    with _fake_gateway(answer, balance="round_robin") as client:
+        resp = client.post("/v1/chat/completions", json={**CHAT, "stream": phase == "first event"})
+        assert resp.status_code == 504, resp.text
+        _assert_openai_error(resp.json(), code="backend_timeout")
+        assert [url for url, _ in client.calls] == [FAKE_A]
+        assert _metric(_metrics(client), "gateway_backend_healthy", backend=FAKE_A) == 1
+
+
+@pytest.mark.parametrize("status", [400, 503])
+def test_an_error_body_that_breaks_off_fails_over(status):
+    def answer(url, body):
+        if url == FAKE_A:
+            return httpx.Response(status, headers={"content-type": "application/json"},
+                                  stream=_Broken(httpx.ReadError("connection reset"), b'{"error": '))
+        return _answer(body)
+    with _fake_gateway(answer, balance="round_robin") as client:
+        resp = client.post("/v1/chat/completions", json=CHAT)
+        assert resp.status_code == 200, resp.text
+        assert [url for url, _ in client.calls] == [FAKE_A, FAKE_B]
+        assert _metric(_metrics(client), "gateway_backend_healthy", backend=FAKE_A) == 0
