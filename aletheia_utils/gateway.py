@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -44,6 +45,8 @@ from . import serve
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
 ROLES = {"system", "developer", "user", "assistant", "tool"}
+CONTEXT_OVERFLOW = re.compile(r"maximum context length|longer than the maximum model length|exceeds the available "
+                              r"context size", re.IGNORECASE)  # vLLM's and llama-server's messages
 Span = tuple[int, int, str]  # start, end, replacement
 
 
@@ -242,6 +245,23 @@ def encode(body) -> bytes:
                        code="invalid_json") from None
     except (ValueError, RecursionError) as e:
         raise ApiError(400, f"the request body cannot be sent on as JSON: {e}", code="invalid_json") from None
+
+
+def backend_error(status: int, raw: bytes, route: str) -> ApiError:
+    """A backend's non-200 answer in OpenAI's shape. A prompt longer than the context (llama-server's
+    `exceed_context_size_error`, vLLM's "maximum context length" / "maximum model length") is a 400
+    `context_length_exceeded` as OpenAI has it; any other answer keeps its status, with code `backend_error`."""
+    try:
+        data = json.loads(raw)
+        err = data.get("error", data)  # older vLLM: the error object is the whole body
+        message, kind = (str(err["message"]), err.get("type")) if isinstance(err, dict) else (str(err), None)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        message, kind = raw.decode(errors="replace")[:500] or f"backend answered {status}", None
+    if status < 500 and (kind == "exceed_context_size_error" or CONTEXT_OVERFLOW.search(message)):
+        return ApiError(400, message, param="messages" if route == "/v1/chat/completions" else "prompt",
+                        code="context_length_exceeded")
+    return ApiError(status, message, type_="invalid_request_error" if status < 500 else "server_error",
+                    code="backend_error")
 
 
 def _content_ok(content) -> bool:
@@ -536,15 +556,6 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
                 raise ApiError(413, f"request body over {cfg.max_body_bytes} bytes", code="request_too_large")
         return parse_body(raw)
 
-    def backend_error(status: int, raw: bytes) -> ApiError:
-        try:
-            err = json.loads(raw)["error"]
-            message = err["message"] if isinstance(err, dict) else str(err)
-        except (ValueError, KeyError, TypeError):
-            message = raw.decode(errors="replace")[:500] or f"backend answered {status}"
-        return ApiError(status, message, type_="invalid_request_error" if status < 500 else "server_error",
-                        code="backend_error")
-
     def busy(b: Upstream, delta: int) -> None:
         b.in_flight += delta
         metrics.in_flight.labels(b.url).set(b.in_flight)
@@ -593,7 +604,7 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
             if answered:
                 return b, resp
             if resp.status_code < 500:
-                raise backend_error(resp.status_code, raw)
+                raise backend_error(resp.status_code, raw, route)
             failed(b)
         raise ApiError(503, "no healthy backend", type_="server_error", code="no_healthy_backend",
                        headers={"Retry-After": str(math.ceil(cfg.cooldown_s))})

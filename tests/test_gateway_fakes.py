@@ -283,3 +283,35 @@ def test_an_error_body_that_breaks_off_fails_over(status):
         assert resp.status_code == 200, resp.text
         assert [url for url, _ in client.calls] == [FAKE_A, FAKE_B]
         assert _metric(_metrics(client), "gateway_backend_healthy", backend=FAKE_A) == 0
+
+
+CONTEXT_ERRORS = {  # what the backends answer to a prompt longer than their context
+    "llama-server": {"error": {"code": 400, "message": "request (4476 tokens) exceeds the available context size "
+                               "(4096 tokens), try increasing it", "type": "exceed_context_size_error",
+                               "n_prompt_tokens": 4476, "n_ctx": 4096}},
+    "vllm": {"error": {"message": "This model's maximum context length is 2048 tokens. However, you requested 2100 "
+                       "tokens (2092 in the messages, 8 in the completion). Please reduce the length of the "
+                       "messages or completion.", "type": "BadRequestError", "param": None, "code": 400}},
+    "vllm-old": {"object": "error", "message": "'max_tokens' or 'max_completion_tokens' is too large: 8. This model's "
+                 "maximum context length is 2048 tokens and your request has 2045 input tokens (8 > 2048 - 2045).",
+                 "type": "BadRequestError", "param": None, "code": 400},
+    "vllm-prompt": {"error": {"message": "The decoder prompt (length 2100) is longer than the maximum model length "
+                              "of 2048. Make sure that `max_model_len` is no smaller than the number of text tokens.",
+                              "type": "BadRequestError", "param": None, "code": 400}},
+}
+
+
+@pytest.mark.parametrize("backend", sorted(CONTEXT_ERRORS))
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_context_overflow_is_context_length_exceeded(backend, route):
+    with _fake_gateway(lambda url, body: httpx.Response(400, json=CONTEXT_ERRORS[backend])) as client:
+        body = CHAT if route == "/v1/chat/completions" else {"model": "aletheia", "prompt": "hi", "max_tokens": 8}
+        for stream in (False, True):
+            resp = client.post(route, json={**body, "stream": stream})
+            assert resp.status_code == 400, resp.text
+            _assert_openai_error(resp.json(), code="context_length_exceeded",
+                                 param="messages" if "chat" in route else "prompt")
+            assert resp.json()["error"]["type"] == "invalid_request_error"
+        other = httpx.Response(400, json={"error": {"message": "grammar is invalid", "type": "invalid_request_error"}})
+    with _fake_gateway(lambda url, body: other) as client:
+        _assert_openai_error(client.post(route, json=body).json(), code="backend_error")  # other 400s as before
