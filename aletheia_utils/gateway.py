@@ -637,6 +637,8 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
             raise ApiError(502, f"backend {b.url} answered with invalid JSON", "server_error",
                            code="backend_error") from None
         metrics.usage(data.get("usage"))
+        if "model" in data:  # the name the client asked for, not the backend's alias
+            data["model"] = cfg.model
         if output_filter:
             redactors: dict = {}
             await asyncio.to_thread(filter_choices, data, _text_field(route, False), redactors, True)
@@ -682,6 +684,8 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
                 while payload != "[DONE]":
                     chunk = json.loads(payload)
                     metrics.usage(chunk.get("usage"))
+                    if "model" in chunk:
+                        chunk["model"] = cfg.model
                     if output_filter:
                         filter_choices(chunk, field, redactors, final=False)
                     if not wants_usage:

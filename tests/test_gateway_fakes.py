@@ -315,3 +315,15 @@ def test_context_overflow_is_context_length_exceeded(backend, route):
         other = httpx.Response(400, json={"error": {"message": "grammar is invalid", "type": "invalid_request_error"}})
     with _fake_gateway(lambda url, body: other) as client:
         _assert_openai_error(client.post(route, json=body).json(), code="backend_error")  # other 400s as before
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_the_backends_model_name_does_not_leak(stream, route):
+    with _fake_gateway() as client:
+        body = CHAT if route == "/v1/chat/completions" else {"model": "aletheia", "prompt": "hi", "max_tokens": 8}
+        resp = client.post(route, json={**body, "stream": stream})
+        assert resp.status_code == 200 and client.calls[0][1]["model"] == ALIAS
+        assert ALIAS not in resp.text
+        answers = [json.loads(e) for e in _events(resp)[:-1]] if stream else [resp.json()]
+        assert answers and all(a["model"] == "aletheia" for a in answers)
