@@ -686,8 +686,8 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
                     metrics.usage(chunk.get("usage"))
                     if "model" in chunk:
                         chunk["model"] = cfg.model
-                    if output_filter:
-                        filter_choices(chunk, field, redactors, final=False)
+                    if output_filter:  # Presidio takes milliseconds: on the event loop it would stall every client
+                        await asyncio.to_thread(filter_choices, chunk, field, redactors, False)
                     if not wants_usage:
                         chunk.pop("usage", None)
                     if not _held_back(chunk, field) and (chunk.get("choices") or wants_usage or "error" in chunk):

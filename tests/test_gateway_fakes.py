@@ -327,3 +327,17 @@ def test_the_backends_model_name_does_not_leak(stream, route):
         assert ALIAS not in resp.text
         answers = [json.loads(e) for e in _events(resp)[:-1]] if stream else [resp.json()]
         assert answers and all(a["model"] == "aletheia" for a in answers)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_the_output_filter_runs_off_the_event_loop(stream):
+    """Presidio takes milliseconds per call: on the event loop it would stall every other connection."""
+    threads = []
+
+    def find(text):
+        threads.append(threading.current_thread().name)
+        return []
+    with _fake_gateway(output_filter=find, stream_holdback_chars=4) as client:
+        resp = client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+        assert resp.status_code == 200
+    assert threads and "gateway-loop" not in threads, threads
