@@ -423,7 +423,12 @@ class _Disconnect:
 
     async def run(self, awaitable):
         work = asyncio.ensure_future(awaitable)
-        await asyncio.wait({work, self.watch}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({work, self.watch}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (the server dropped the response): `work` must not outlive the upstream
+            work.cancel()     # connection it reads, or its ReadError is logged as "never retrieved"
+            work.add_done_callback(_retrieve)
+            raise
         if work.done():
             return work.result()
         work.cancel()
@@ -448,6 +453,23 @@ class _Stream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.cleanup()
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _json_object(raw: str | bytes) -> dict | None:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _error_event(message: str, code: str | None = None) -> str:
+    return f"data: {json.dumps(ApiError(502, message, 'server_error', code=code).body)}\n\n"
 
 
 def _hash(key: str) -> bytes:
@@ -631,11 +653,8 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
                 failed(b)
             finally:
                 await release(b, resp)
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            raise ApiError(502, f"backend {b.url} answered with invalid JSON", "server_error",
-                           code="backend_error") from None
+        if (data := _json_object(raw)) is None:
+            raise ApiError(502, f"backend {b.url} answered with invalid JSON", "server_error", code="backend_error")
         metrics.usage(data.get("usage"))
         if "model" in data:  # the name the client asked for, not the backend's alias
             data["model"] = cfg.model
@@ -682,7 +701,12 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
             first_token, payload, ended = True, first, False
             try:
                 while payload != "[DONE]":
-                    chunk = json.loads(payload)
+                    if (chunk := _json_object(payload)) is None:  # bytes already went out: say so in-band
+                        ended = True
+                        metrics.upstream_errors.labels(b.url).inc()
+                        yield _error_event(f"backend sent an event that is not a JSON object: {payload[:80]!r}",
+                                           code="backend_error")
+                        return
                     metrics.usage(chunk.get("usage"))
                     if "model" in chunk:
                         chunk["model"] = cfg.model
@@ -701,7 +725,7 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
             except httpx.TransportError as e:  # bytes already went out: no retry, tell the client in-band
                 ended = True
                 failed(b)
-                yield f"data: {json.dumps(ApiError(502, f'backend failed mid-stream: {e}', 'server_error').body)}\n\n"
+                yield _error_event(f"backend failed mid-stream: {e}")
             except ClientGone:
                 pass
             finally:  # also reached when the server drops the generator because a send to the client failed

@@ -3,6 +3,7 @@ for a real TCP upstream): hostile input, balancing, fail-over, backend errors. N
 
 import asyncio
 import contextlib
+import gc
 import http.client
 import json
 import threading
@@ -341,3 +342,56 @@ def test_the_output_filter_runs_off_the_event_loop(stream):
         resp = client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
         assert resp.status_code == 200
     assert threads and "gateway-loop" not in threads, threads
+
+
+@pytest.mark.parametrize("bad", ["not json", "42", '{"choices": '])
+def test_a_non_json_event_from_the_backend_becomes_an_error_event(bad):
+    good = json.dumps({"id": "x", "model": ALIAS, "choices": [{"index": 0, "delta": {"content": "Hi"}}]})
+    with _fake_gateway(lambda url, body: _sse([good, bad, good, "[DONE]"])) as client:
+        resp = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        events = _events(resp)
+        assert resp.status_code == 200 and json.loads(events[0])["choices"][0]["delta"]["content"] == "Hi"
+        assert len(events) == 2, events  # nothing after the error
+        _assert_openai_error(json.loads(events[1]))
+        assert "not a JSON object" in json.loads(events[1])["error"]["message"]
+
+
+@pytest.mark.parametrize("bad", [b"not json", b"42", b"[]"])
+def test_a_non_json_answer_is_a_502(bad):
+    with _fake_gateway(lambda url, body: httpx.Response(200, content=bad)) as client:
+        resp = client.post("/v1/chat/completions", json=CHAT)
+        assert resp.status_code == 502
+        _assert_openai_error(resp.json(), code="backend_error")
+
+
+async def _endless_backend(scope, receive, send):
+    """A real (TCP) backend: healthy, and every POST streams one chunk every 20 ms until the client leaves."""
+    if scope["path"].endswith("/health"):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        return await send({"type": "http.response.body", "body": b"{}"})
+    await receive()  # the request body
+    gone = asyncio.ensure_future(receive())  # then http.disconnect, when the gateway lets go
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    chunk = json.dumps({"id": "x", "model": ALIAS, "choices": [{"index": 0, "delta": {"content": "tick "}}]})
+    while not gone.done():
+        await send({"type": "http.response.body", "body": f"data: {chunk}\n\n".encode(), "more_body": True})
+        await asyncio.sleep(0.02)
+
+
+def test_a_client_disconnect_leaves_no_task_exception(caplog):
+    backend, stop_backend = _serve_in_thread(_endless_backend, "fake-backend")
+    try:
+        with _fake_gateway(backends=(backend + "/v1",), transport=httpx.AsyncHTTPTransport()) as client:
+            for _ in range(3):
+                with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
+                    next(resp.iter_lines())
+            time.sleep(0.5)
+            gc.collect()
+            time.sleep(0.1)
+            assert client.get("/health").status_code == 200
+            metrics = _metrics(client)
+            assert _metric(metrics, "gateway_cancelled_total") == 3
+            assert _metric(metrics, "gateway_backend_in_flight") == 0, "the backend is released"
+    finally:
+        stop_backend()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text
