@@ -232,11 +232,11 @@ def parse_body(raw: bytes):
         raise ApiError(400, "the request body nests too deeply", code="invalid_json") from None
     except ValueError as e:  # also UnicodeDecodeError
         raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    encode(body)
+    encode_body(body)
     return body
 
 
-def encode(body) -> bytes:
+def encode_body(body) -> bytes:
     """`body` as JSON for a backend; what cannot be encoded came from the client, so it is a 400."""
     try:
         return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
@@ -602,7 +602,7 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
             tried.add(b.url)
             headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {b.key}"} if b.key else {})}
             request = http.build_request("POST", b.url + route.removeprefix("/v1"), headers=headers,
-                                         content=encode({**body, "model": b.model}))
+                                         content=encode_body({**body, "model": b.model}))
             busy(b, 1)  # from the moment it is sent: llama-server sends a non-streamed answer's headers when done
             answered = False
             try:
