@@ -24,6 +24,9 @@ def _run(args) -> int:
         print(f"the partly executed notebook is in {pipeline.RunPaths.for_run(cfg).root / 'notebooks'}",
               file=sys.stderr)
         return 1
+    except pipeline.RunLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -19,10 +19,11 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -44,6 +45,8 @@ from . import pii, serve
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
 ROLES = {"system", "developer", "user", "assistant", "tool"}
+CONTEXT_OVERFLOW = re.compile(r"maximum context length|longer than the maximum model length|exceeds the available "
+                              r"context size", re.IGNORECASE)  # vLLM's and llama-server's messages
 Span = tuple[int, int, str]  # start, end, replacement
 
 
@@ -206,6 +209,59 @@ class ApiError(Exception):
         self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a number")
+    return value
+
+
+def parse_body(raw: bytes):
+    """The request body as JSON, or `ApiError` 400: besides malformed JSON this refuses what Python's parser
+    accepts but JSON (and so a backend) does not: NaN/Infinity, numbers that overflow to infinity, strings with a
+    lone surrogate (`"\\ud800"`), nesting deeper than the parser's recursion limit."""
+    try:
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise ApiError(400, "the request body nests too deeply", code="invalid_json") from None
+    except ValueError as e:  # also UnicodeDecodeError
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    encode_body(body)
+    return body
+
+
+def encode_body(body) -> bytes:
+    """`body` as JSON for a backend; what cannot be encoded came from the client, so it is a 400."""
+    try:
+        return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body is not valid JSON: a string holds a lone surrogate (\\ud800-\\udfff)",
+                       code="invalid_json") from None
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"the request body cannot be sent on as JSON: {e}", code="invalid_json") from None
+
+
+def backend_error(status: int, raw: bytes, route: str) -> ApiError:
+    """A backend's non-200 answer in OpenAI's shape. A prompt longer than the context (llama-server's
+    `exceed_context_size_error`, vLLM's "maximum context length" / "maximum model length") is a 400
+    `context_length_exceeded` as OpenAI has it; any other answer keeps its status, with code `backend_error`."""
+    try:
+        data = json.loads(raw)
+        err = data.get("error", data)  # older vLLM: the error object is the whole body
+        message, kind = (str(err["message"]), err.get("type")) if isinstance(err, dict) else (str(err), None)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        message, kind = raw.decode(errors="replace")[:500] or f"backend answered {status}", None
+    if status < 500 and (kind == "exceed_context_size_error" or CONTEXT_OVERFLOW.search(message)):
+        return ApiError(400, message, param="messages" if route == "/v1/chat/completions" else "prompt",
+                        code="context_length_exceeded")
+    return ApiError(status, message, type_="invalid_request_error" if status < 500 else "server_error",
+                    code="backend_error")
+
+
 def _content_ok(content) -> bool:
     if isinstance(content, str):
         return True
@@ -365,7 +421,12 @@ class _Disconnect:
 
     async def run(self, awaitable):
         work = asyncio.ensure_future(awaitable)
-        await asyncio.wait({work, self.watch}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({work, self.watch}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (the server dropped the response): `work` must not outlive the upstream
+            work.cancel()     # connection it reads, or its ReadError is logged as "never retrieved"
+            work.add_done_callback(_retrieve)
+            raise
         if work.done():
             return work.result()
         work.cancel()
@@ -375,6 +436,38 @@ class _Disconnect:
 
     def close(self):
         self.watch.cancel()
+
+
+class _Stream(StreamingResponse):
+    """A streamed answer whose `cleanup` runs however it ends: a generator the server drops before its first chunk
+    (the client left at once) never runs its own `finally`."""
+
+    def __init__(self, content, cleanup: Callable[[], Awaitable[None]], **kw):
+        super().__init__(content, **kw)
+        self.cleanup = cleanup
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.cleanup()
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _json_object(raw: str | bytes) -> dict | None:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _error_event(message: str, code: str | None = None) -> str:
+    return f"data: {json.dumps(ApiError(502, message, 'server_error', code=code).body)}\n\n"
 
 
 def _hash(key: str) -> bytes:
@@ -408,15 +501,17 @@ def _held_back(chunk: dict, field: tuple[str, str | None]) -> bool:
         and (not inner or set(c.get(outer) or {}) <= {inner}) for c in chunk["choices"])
 
 
-def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable[[str], list[Span]] | None):
+def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable[[str], list[Span]] | None, *,
+               transport: httpx.AsyncBaseTransport | None = None):
     """The FastAPI app; `keys` maps each accepted bearer key to its rate limit, `output_filter` maps text to
-    (start, end, replacement) spans (None: no filter)."""
+    (start, end, replacement) spans (None: no filter). `transport` replaces the network to the backends (tests)."""
     metrics = Metrics()
     pool = Pool(cfg, lambda b: metrics.healthy.labels(b.url).set(int(b.healthy)))
     accepted = [(_hash(k), limits.parse(limit)) for k, limit in keys.items()]
     limiter = MovingWindowRateLimiter(MemoryStorage())
     http = httpx.AsyncClient(timeout=httpx.Timeout(cfg.request_timeout_s, connect=cfg.connect_timeout_s),
-                             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+                             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                             transport=transport)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -479,45 +574,58 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
             raw += piece
             if len(raw) > cfg.max_body_bytes:
                 raise ApiError(413, f"request body over {cfg.max_body_bytes} bytes", code="request_too_large")
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+        return parse_body(raw)
 
-    def backend_error(status: int, raw: bytes) -> ApiError:
-        try:
-            err = json.loads(raw)["error"]
-            message = err["message"] if isinstance(err, dict) else str(err)
-        except (ValueError, KeyError, TypeError):
-            message = raw.decode(errors="replace")[:500] or f"backend answered {status}"
-        return ApiError(status, message, type_="invalid_request_error" if status < 500 else "server_error",
-                        code="backend_error")
+    def busy(b: Upstream, delta: int) -> None:
+        b.in_flight += delta
+        metrics.in_flight.labels(b.url).set(b.in_flight)
+
+    async def release(b: Upstream, resp: httpx.Response) -> None:
+        busy(b, -1)
+        await resp.aclose()
+
+    def failed(b: Upstream) -> None:
+        metrics.upstream_errors.labels(b.url).inc()
+        pool.mark(b, False)
+
+    def timed_out(b: Upstream) -> ApiError:
+        return ApiError(504, f"backend {b.url} did not answer in time", type_="server_error", code="backend_timeout")
 
     async def open_upstream(route: str, body: dict, gone: _Disconnect):
-        """The first backend that answers 200: (backend, response). Fails over on connection errors and 5xx."""
+        """The first backend that answers 200: (backend, response), the backend counted busy until the caller
+        `release`s it. Fails over on connection errors (refused, reset, a connect timeout) and 5xx; a read timeout
+        is a 504 (the backend has the request and may still be working on it)."""
         tried: set[str] = set()
         while (b := pool.pick(tried)) is not None:
             tried.add(b.url)
-            headers = {"Authorization": f"Bearer {b.key}"} if b.key else {}
+            headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {b.key}"} if b.key else {})}
             request = http.build_request("POST", b.url + route.removeprefix("/v1"), headers=headers,
-                                         json={**body, "model": b.model})
+                                         content=encode_body({**body, "model": b.model}))
+            busy(b, 1)  # from the moment it is sent: llama-server sends a non-streamed answer's headers when done
+            answered = False
             try:
                 resp = await gone.run(http.send(request, stream=True))
-            except httpx.TimeoutException:
-                raise ApiError(504, f"backend {b.url} did not answer in time", type_="server_error",
-                               code="backend_timeout") from None
-            except httpx.TransportError:
-                metrics.upstream_errors.labels(b.url).inc()
-                pool.mark(b, False)
+                if not (answered := resp.status_code == 200):
+                    try:
+                        raw = await gone.run(resp.aread())
+                    finally:
+                        await resp.aclose()
+            except httpx.ConnectTimeout:
+                failed(b)
                 continue
-            if resp.status_code == 200:
+            except httpx.TimeoutException:
+                raise timed_out(b) from None
+            except httpx.TransportError:
+                failed(b)
+                continue
+            finally:
+                if not answered:
+                    busy(b, -1)
+            if answered:
                 return b, resp
-            raw = await resp.aread()
-            await resp.aclose()
             if resp.status_code < 500:
-                raise backend_error(resp.status_code, raw)
-            metrics.upstream_errors.labels(b.url).inc()
-            pool.mark(b, False)
+                raise backend_error(resp.status_code, raw, route)
+            failed(b)
         raise ApiError(503, "no healthy backend", type_="server_error", code="no_healthy_backend",
                        headers={"Retry-After": str(math.ceil(cfg.cooldown_s))})
 
@@ -534,24 +642,20 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
     async def complete(route: str, body: dict, gone: _Disconnect) -> JSONResponse:
         while True:
             b, resp = await open_upstream(route, body, gone)
-            b.in_flight += 1
-            metrics.in_flight.labels(b.url).set(b.in_flight)
             try:
                 raw = await gone.run(resp.aread())
                 break
+            except httpx.TimeoutException:
+                raise timed_out(b) from None
             except httpx.TransportError:  # nothing reached the client yet: another backend may answer
-                metrics.upstream_errors.labels(b.url).inc()
-                pool.mark(b, False)
+                failed(b)
             finally:
-                b.in_flight -= 1
-                metrics.in_flight.labels(b.url).set(b.in_flight)
-                await resp.aclose()
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            raise ApiError(502, f"backend {b.url} answered with invalid JSON", "server_error",
-                           code="backend_error") from None
+                await release(b, resp)
+        if (data := _json_object(raw)) is None:
+            raise ApiError(502, f"backend {b.url} answered with invalid JSON", "server_error", code="backend_error")
         metrics.usage(data.get("usage"))
+        if "model" in data:  # the name the client asked for, not the backend's alias
+            data["model"] = cfg.model
         if output_filter:
             redactors: dict = {}
             await asyncio.to_thread(filter_choices, data, _text_field(route, False), redactors, True)
@@ -572,25 +676,40 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
             try:
                 first = await gone.run(anext(it))
                 break
+            except httpx.TimeoutException:
+                await release(b, resp)
+                raise timed_out(b) from None
             except (httpx.TransportError, StopAsyncIteration):
-                metrics.upstream_errors.labels(b.url).inc()
-                pool.mark(b, False)
-                await resp.aclose()
-            except ClientGone:
-                await resp.aclose()
+                failed(b)
+                await release(b, resp)
+            except BaseException:  # ClientGone, or cancelled
+                await release(b, resp)
                 raise
-        field, redactors = _text_field(route, True), {}
+        field, redactors, released = _text_field(route, True), {}, False
+
+        async def finish():  # once, from the generator or, if the server never started it, from the response
+            nonlocal released
+            if not released:
+                released = True
+                metrics.redactions.inc(sum(r.redactions for r in redactors.values()))
+                gone.close()
+                await release(b, resp)
 
         async def gen():
-            b.in_flight += 1
-            metrics.in_flight.labels(b.url).set(b.in_flight)
             first_token, payload, ended = True, first, False
             try:
                 while payload != "[DONE]":
-                    chunk = json.loads(payload)
+                    if (chunk := _json_object(payload)) is None:  # bytes already went out: say so in-band
+                        ended = True
+                        metrics.upstream_errors.labels(b.url).inc()
+                        yield _error_event(f"backend sent an event that is not a JSON object: {payload[:80]!r}",
+                                           code="backend_error")
+                        return
                     metrics.usage(chunk.get("usage"))
-                    if output_filter:
-                        filter_choices(chunk, field, redactors, final=False)
+                    if "model" in chunk:
+                        chunk["model"] = cfg.model
+                    if output_filter:  # Presidio takes milliseconds: on the event loop it would stall every client
+                        await asyncio.to_thread(filter_choices, chunk, field, redactors, False)
                     if not wants_usage:
                         chunk.pop("usage", None)
                     if not _held_back(chunk, field) and (chunk.get("choices") or wants_usage or "error" in chunk):
@@ -603,20 +722,15 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
                 ended = True
             except httpx.TransportError as e:  # bytes already went out: no retry, tell the client in-band
                 ended = True
-                metrics.upstream_errors.labels(b.url).inc()
-                pool.mark(b, False)
-                yield f"data: {json.dumps(ApiError(502, f'backend failed mid-stream: {e}', 'server_error').body)}\n\n"
+                failed(b)
+                yield _error_event(f"backend failed mid-stream: {e}")
             except ClientGone:
                 pass
             finally:  # also reached when the server drops the generator because a send to the client failed
                 metrics.cancelled.inc(not ended)
-                metrics.redactions.inc(sum(r.redactions for r in redactors.values()))
-                b.in_flight -= 1
-                metrics.in_flight.labels(b.url).set(b.in_flight)
-                gone.close()
-                await resp.aclose()
+                await finish()
 
-        return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _Stream(gen(), finish, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def proxy(request: Request, route: str):
         start = time.perf_counter()

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -13,6 +14,8 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from . import config as config_mod
 
@@ -127,6 +130,32 @@ def _ipc_kernel_manager(socket_dir: str):
     return IPCKernelManager
 
 
+class RunLocked(RuntimeError):
+    """Another `aletheia run` is working in the run folder."""
+
+
+@contextlib.contextmanager
+def hold_run_folder(root: Path):
+    """Hold `root` for this process (a `filelock` on `.run.lock`, which the OS drops when the process ends, however
+    it ends, and this PID in `.run.pid`): a second run on the same folder raises `RunLocked` naming this PID."""
+    lock, holder = FileLock(str(root / ".run.lock")), root / ".run.pid"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            pid = holder.read_text().strip() or "unknown"
+        except OSError:  # the holder is between taking the lock and writing its PID
+            pid = "unknown"
+        raise RunLocked(f"{root} is in use by another `aletheia run` (PID {pid}); wait for it to end or choose "
+                        f"another --run-name") from None
+    try:
+        holder.write_text(f"{os.getpid()}\n")
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
 def _execute(stage: str, notebooks: Path, paths: RunPaths, log_output: bool) -> None:
     import tempfile
 
@@ -164,9 +193,15 @@ def run(cfg: config_mod.Config, *, start: str | None = None, stop: str | None = 
     """Execute the stages from `start` to `stop` in order; return the manifest.
 
     A stage already complete for the same params hash is skipped unless `force`; once a stage runs,
-    every later stage runs too. A failing stage stops the run and raises `StageFailed`.
+    every later stage runs too. A failing stage stops the run and raises `StageFailed`; another run already
+    working in the same folder, `RunLocked`.
     """
     paths = RunPaths.for_run(cfg)
+    with hold_run_folder(paths.root):
+        return _run(cfg, paths, start, stop, force, notebooks, log_output, echo)
+
+
+def _run(cfg: config_mod.Config, paths: RunPaths, start, stop, force, notebooks, log_output, echo) -> dict:
     selected = STAGES[STAGES.index(stage_name(start or STAGES[0])): STAGES.index(stage_name(stop or STAGES[-1])) + 1]
     if not selected:
         raise ValueError(f"--from {start} comes after --to {stop}")

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -98,6 +99,41 @@ def test_failing_stage_stops_the_run_and_keeps_its_notebook(tmp_path):
     assert "02_sft" not in manifest["stages"]
     partial = nbformat.read(tmp_path / "fails" / "notebooks" / "01_curate.ipynb", as_version=4)
     assert any(o.get("ename") == "RuntimeError" for c in partial.cells if c.cell_type == "code" for o in c.outputs)
+
+
+HOLD_THE_RUN = """
+import sys, time
+from pathlib import Path
+from aletheia_utils import pipeline
+
+def stage_until_released(stage, notebooks, paths, log_output):
+    while not Path(sys.argv[2]).exists():
+        time.sleep(0.05)
+pipeline._execute = stage_until_released
+pipeline.run(pipeline.config_mod.load(sys.argv[1], [f"run.runs_dir={sys.argv[3]}", "run.name=same"]), stop="01")
+"""
+
+
+def test_a_second_run_on_the_same_folder_refuses_naming_the_first(tmp_path):
+    """Two `aletheia run` on one run folder at once would write the same files: the second one refuses."""
+    release, manifest = tmp_path / "release", tmp_path / "same" / "manifest.json"
+    first = subprocess.Popen([sys.executable, "-c", HOLD_THE_RUN, str(SMOKE), str(release), str(tmp_path)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (manifest.exists() and json.loads(manifest.read_text())["stages"]):  # 01 is running
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.1)
+        second = aletheia("run", "--params", str(SMOKE), "--run-name", "same", "--set", f"run.runs_dir={tmp_path}",
+                          "--to", "01", "--notebooks", str(tmp_path / "no-notebooks"))
+        assert second.returncode == 2
+        assert second.stderr.strip() == (f"error: {(tmp_path / 'same').resolve()} is in use by another `aletheia run` "
+                                         f"(PID {first.pid}); wait for it to end or choose another --run-name")
+    finally:
+        release.touch()
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert json.loads(manifest.read_text())["stages"]["01_curate"]["status"] == "complete"
 
 
 def test_bad_params_give_one_line_naming_the_key(tmp_path):
