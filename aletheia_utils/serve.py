@@ -227,6 +227,18 @@ def load_test(server: Server, prompts: Sequence[str], *, concurrency: int, reque
     }
 
 
+LOAD_COLUMNS = ["server", "concurrency", "requests", "error_rate", "timeout_rate", "latency_p50_s", "latency_p95_s",
+                "latency_p99_s", "ttft_p50_s", "output_tokens_per_s"]  # what 05 and 07 tabulate
+
+
+def load_sweep(server: Server, prompts: Sequence[str], serve) -> list[dict]:
+    """`load_test` at each of the params' `serve.load_concurrency` levels (`serve.load_requests_per_client` requests
+    per client, `serve.load_max_tokens` each): the sweep 05 and 07 run against every server they compare."""
+    return [load_test(server, prompts, concurrency=c, requests=c * serve.load_requests_per_client,
+                      max_tokens=serve.load_max_tokens, timeout=serve.request_timeout_s)
+            for c in serve.load_concurrency]
+
+
 def transformers_server(model_dir: str | os.PathLike, *, host: str = "127.0.0.1", port: int | None = None,
                         parallel: int = 4, max_model_len: int = 2048, device: str = "cpu",
                         continuous_batching: bool = True, threads: int | None = None, startup_timeout_s: float = 300,
