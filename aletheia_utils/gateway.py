@@ -501,56 +501,66 @@ def _held_back(chunk: dict, field: tuple[str, str | None]) -> bool:
         and (not inner or set(c.get(outer) or {}) <= {inner}) for c in chunk["choices"])
 
 
-def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable[[str], list[Span]] | None, *,
-               transport: httpx.AsyncBaseTransport | None = None):
-    """The FastAPI app; `keys` maps each accepted bearer key to its rate limit, `output_filter` maps text to
-    (start, end, replacement) spans (None: no filter). `transport` replaces the network to the backends (tests)."""
-    metrics = Metrics()
-    pool = Pool(cfg, lambda b: metrics.healthy.labels(b.url).set(int(b.healthy)))
-    accepted = [(_hash(k), limits.parse(limit)) for k, limit in keys.items()]
-    limiter = MovingWindowRateLimiter(MemoryStorage())
-    http = httpx.AsyncClient(timeout=httpx.Timeout(cfg.request_timeout_s, connect=cfg.connect_timeout_s),
-                             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-                             transport=transport)
+def _timed_out(b: Upstream) -> ApiError:
+    return ApiError(504, f"backend {b.url} did not answer in time", type_="server_error", code="backend_timeout")
+
+
+async def _data_lines(resp: httpx.Response) -> AsyncIterator[str]:
+    async for line in resp.aiter_lines():
+        if line.startswith("data:"):
+            yield line[5:].strip()
+
+
+async def _api_error(request, e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body, status_code=e.status, headers=e.headers)
+
+
+async def _http_error(request, e: HTTPException) -> JSONResponse:
+    return await _api_error(request, ApiError(e.status_code, str(e.detail),
+                                              code="not_found" if e.status_code == 404 else None))
+
+
+async def _validation_error(request, e: RequestValidationError) -> JSONResponse:
+    return await _api_error(request, ApiError(400, str(e.errors())))
+
+
+class Gateway:
+    """The gateway's state (keys, limiter, backend pool, metrics, the HTTP client to the backends) and its request
+    path one step a method: `proxy` authenticates, rate-limits, reads and validates the body, then `complete`s or
+    `stream`s through the backend `pick_backend` finds. `create_app` wires the methods to routes."""
+
+    def __init__(self, cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable[[str], list[Span]] | None,
+                 *, transport: httpx.AsyncBaseTransport | None = None):
+        self.cfg, self.output_filter, self.metrics = cfg, output_filter, Metrics()
+        self.pool = Pool(cfg, lambda b: self.metrics.healthy.labels(b.url).set(int(b.healthy)))
+        self.accepted = [(_hash(k), limits.parse(limit)) for k, limit in keys.items()]
+        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(cfg.request_timeout_s, connect=cfg.connect_timeout_s),
+                                      limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                                      transport=transport)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
+    async def lifespan(self, app):
+        """Probe the backends, keep probing every `health_interval_s`; close the client to the backends at exit."""
         async def health_loop():
             while True:
-                await asyncio.sleep(cfg.health_interval_s)
-                await pool.probe(http)
-        await pool.probe(http)
+                await asyncio.sleep(self.cfg.health_interval_s)
+                await self.pool.probe(self.http)
+        await self.pool.probe(self.http)
         task = asyncio.create_task(health_loop())
         yield
         task.cancel()
-        await http.aclose()
+        await self.http.aclose()
 
-    app = FastAPI(title="Aletheia gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_Observe, metrics=metrics)
-
-    def error(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body, status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request, e: ApiError):
-        return error(e)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(request, e: HTTPException):
-        return error(ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, e: RequestValidationError):
-        return error(ApiError(400, str(e.errors())))
-
-    def authenticate(request: Request) -> tuple[str, limits.RateLimitItem]:
+    def authenticate(self, request: Request) -> tuple[str, limits.RateLimitItem]:
+        """(an id of the bearer key, its rate limit), or `ApiError` 401."""
         header = request.headers.get("authorization", "").strip()
         if not header:
             raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
         scheme, _, token = header.partition(" ")
         digest, match = _hash(token.strip()), None
-        for h, limit in accepted:  # no early exit: the time does not depend on which key matched
+        for h, limit in self.accepted:  # no early exit: the time does not depend on which key matched
             if hmac.compare_digest(digest, h):
                 match = limit
         if scheme.lower() != "bearer" or match is None:  # the scheme is case-insensitive (RFC 9110 11.1)
@@ -558,132 +568,134 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
                            headers={"WWW-Authenticate": "Bearer"})
         return digest.hex()[:16], match
 
-    def rate_limit(key_id: str, limit: limits.RateLimitItem) -> None:
-        if not limiter.hit(limit, key_id):
-            reset = limiter.get_window_stats(limit, key_id).reset_time
+    def rate_limit(self, key_id: str, limit: limits.RateLimitItem) -> None:
+        """Count a request against the key's moving window; `ApiError` 429 with Retry-After once it is full."""
+        if not self.limiter.hit(limit, key_id):
+            reset = self.limiter.get_window_stats(limit, key_id).reset_time
             wait = max(1, math.ceil(reset - time.time()))
             raise ApiError(429, f"Rate limit reached ({limit} for this key); retry in {wait} s",
                            type_="requests", code="rate_limit_exceeded", headers={"Retry-After": str(wait)})
 
-    async def read_json(request: Request):
+    async def read_and_validate(self, request: Request, route: str) -> dict:
+        """The request body, read up to `max_body_bytes` (else 413), parsed and validated (else 400/404)."""
+        too_large = ApiError(413, f"request body over {self.cfg.max_body_bytes} bytes", code="request_too_large")
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > cfg.max_body_bytes:
-            raise ApiError(413, f"request body over {cfg.max_body_bytes} bytes", code="request_too_large")
+        if declared and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
+            raise too_large
         raw = bytearray()
         async for piece in request.stream():
             raw += piece
-            if len(raw) > cfg.max_body_bytes:
-                raise ApiError(413, f"request body over {cfg.max_body_bytes} bytes", code="request_too_large")
-        return parse_body(raw)
+            if len(raw) > self.cfg.max_body_bytes:
+                raise too_large
+        body = parse_body(raw)
+        validate(body, route, self.cfg)
+        return body
 
-    def busy(b: Upstream, delta: int) -> None:
+    def _busy(self, b: Upstream, delta: int) -> None:
         b.in_flight += delta
-        metrics.in_flight.labels(b.url).set(b.in_flight)
+        self.metrics.in_flight.labels(b.url).set(b.in_flight)
 
-    async def release(b: Upstream, resp: httpx.Response) -> None:
-        busy(b, -1)
+    async def _release(self, b: Upstream, resp: httpx.Response) -> None:
+        self._busy(b, -1)
         await resp.aclose()
 
-    def failed(b: Upstream) -> None:
-        metrics.upstream_errors.labels(b.url).inc()
-        pool.mark(b, False)
+    def _failed(self, b: Upstream) -> None:
+        self.metrics.upstream_errors.labels(b.url).inc()
+        self.pool.mark(b, False)
 
-    def timed_out(b: Upstream) -> ApiError:
-        return ApiError(504, f"backend {b.url} did not answer in time", type_="server_error", code="backend_timeout")
-
-    async def open_upstream(route: str, body: dict, gone: _Disconnect):
-        """The first backend that answers 200: (backend, response), the backend counted busy until the caller
-        `release`s it. Fails over on connection errors (refused, reset, a connect timeout) and 5xx; a read timeout
-        is a 504 (the backend has the request and may still be working on it)."""
+    async def pick_backend(self, route: str, body: dict, gone: _Disconnect) -> tuple[Upstream, httpx.Response]:
+        """Send the request to healthy backends (least busy or round robin) until one answers 200: (backend,
+        response), the backend counted busy until the caller `_release`s it. Fails over on connection errors
+        (refused, reset, a connect timeout) and 5xx; a read timeout is a 504 (the backend has the request and may
+        still be working on it); any other status is the backend's error; none left is a 503."""
         tried: set[str] = set()
-        while (b := pool.pick(tried)) is not None:
+        while (b := self.pool.pick(tried)) is not None:
             tried.add(b.url)
             headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {b.key}"} if b.key else {})}
-            request = http.build_request("POST", b.url + route.removeprefix("/v1"), headers=headers,
-                                         content=encode_body({**body, "model": b.model}))
-            busy(b, 1)  # from the moment it is sent: llama-server sends a non-streamed answer's headers when done
+            request = self.http.build_request("POST", b.url + route.removeprefix("/v1"), headers=headers,
+                                              content=encode_body({**body, "model": b.model}))
+            self._busy(b, 1)  # from the moment it is sent: llama-server sends a non-streamed answer's headers when done
             answered = False
             try:
-                resp = await gone.run(http.send(request, stream=True))
+                resp = await gone.run(self.http.send(request, stream=True))
                 if not (answered := resp.status_code == 200):
                     try:
                         raw = await gone.run(resp.aread())
                     finally:
                         await resp.aclose()
             except httpx.ConnectTimeout:
-                failed(b)
+                self._failed(b)
                 continue
             except httpx.TimeoutException:
-                raise timed_out(b) from None
+                raise _timed_out(b) from None
             except httpx.TransportError:
-                failed(b)
+                self._failed(b)
                 continue
             finally:
                 if not answered:
-                    busy(b, -1)
+                    self._busy(b, -1)
             if answered:
                 return b, resp
             if resp.status_code < 500:
                 raise backend_error(resp.status_code, raw, route)
-            failed(b)
+            self._failed(b)
         raise ApiError(503, "no healthy backend", type_="server_error", code="no_healthy_backend",
-                       headers={"Retry-After": str(math.ceil(cfg.cooldown_s))})
+                       headers={"Retry-After": str(math.ceil(self.cfg.cooldown_s))})
 
-    def filter_choices(chunk: dict, field, redactors: dict, final: bool) -> None:
+    def _filter_choices(self, chunk: dict, field, redactors: dict, final: bool) -> None:
         for choice in chunk.get("choices") or []:
             text = _get_text(choice, field)
-            r = redactors.setdefault(choice.get("index", 0), StreamRedactor(output_filter, cfg.stream_holdback_chars))
+            r = redactors.setdefault(choice.get("index", 0),
+                                     StreamRedactor(self.output_filter, self.cfg.stream_holdback_chars))
             out = r.feed(text) if isinstance(text, str) else ""
             if final or choice.get("finish_reason"):
                 out += r.flush()
             if isinstance(text, str) or out:
                 _set_text(choice, field, out)
 
-    async def complete(route: str, body: dict, gone: _Disconnect) -> JSONResponse:
+    async def complete(self, route: str, body: dict, gone: _Disconnect) -> JSONResponse:
+        """A non-streamed answer: read whole (failing over while nothing has reached the client), filtered."""
         while True:
-            b, resp = await open_upstream(route, body, gone)
+            b, resp = await self.pick_backend(route, body, gone)
             try:
                 raw = await gone.run(resp.aread())
                 break
             except httpx.TimeoutException:
-                raise timed_out(b) from None
+                raise _timed_out(b) from None
             except httpx.TransportError:  # nothing reached the client yet: another backend may answer
-                failed(b)
+                self._failed(b)
             finally:
-                await release(b, resp)
+                await self._release(b, resp)
         if (data := _json_object(raw)) is None:
             raise ApiError(502, f"backend {b.url} answered with invalid JSON", "server_error", code="backend_error")
-        metrics.usage(data.get("usage"))
+        self.metrics.usage(data.get("usage"))
         if "model" in data:  # the name the client asked for, not the backend's alias
-            data["model"] = cfg.model
-        if output_filter:
+            data["model"] = self.cfg.model
+        if self.output_filter:
             redactors: dict = {}
-            await asyncio.to_thread(filter_choices, data, _text_field(route, False), redactors, True)
-            metrics.redactions.inc(sum(r.redactions for r in redactors.values()))
+            await asyncio.to_thread(self._filter_choices, data, _text_field(route, False), redactors, True)
+            self.metrics.redactions.inc(sum(r.redactions for r in redactors.values()))
         return JSONResponse(data)
 
-    async def events(resp) -> AsyncIterator[str]:
-        async for line in resp.aiter_lines():
-            if line.startswith("data:"):
-                yield line[5:].strip()
-
-    async def stream(route: str, body: dict, gone: _Disconnect, start: float) -> StreamingResponse:
+    async def stream(self, route: str, body: dict, gone: _Disconnect, start: float) -> StreamingResponse:
+        """A streamed answer: fails over until a backend's first event, then relays events filtered; a failure
+        after that is an error event in the stream. The backend is released however the stream ends."""
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
         while True:  # until a backend delivers its first event: before that, failing over is safe
-            b, resp = await open_upstream(route, body, gone)
-            it = events(resp)
+            b, resp = await self.pick_backend(route, body, gone)
+            it = _data_lines(resp)
             try:
                 first = await gone.run(anext(it))
                 break
             except httpx.TimeoutException:
-                await release(b, resp)
-                raise timed_out(b) from None
+                await self._release(b, resp)
+                raise _timed_out(b) from None
             except (httpx.TransportError, StopAsyncIteration):
-                failed(b)
-                await release(b, resp)
+                self._failed(b)
+                await self._release(b, resp)
             except BaseException:  # ClientGone, or cancelled
-                await release(b, resp)
+                await self._release(b, resp)
                 raise
         field, redactors, released = _text_field(route, True), {}, False
 
@@ -691,9 +703,9 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
             nonlocal released
             if not released:
                 released = True
-                metrics.redactions.inc(sum(r.redactions for r in redactors.values()))
+                self.metrics.redactions.inc(sum(r.redactions for r in redactors.values()))
                 gone.close()
-                await release(b, resp)
+                await self._release(b, resp)
 
         async def gen():
             first_token, payload, ended = True, first, False
@@ -701,20 +713,20 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
                 while payload != "[DONE]":
                     if (chunk := _json_object(payload)) is None:  # bytes already went out: say so in-band
                         ended = True
-                        metrics.upstream_errors.labels(b.url).inc()
+                        self.metrics.upstream_errors.labels(b.url).inc()
                         yield _error_event(f"backend sent an event that is not a JSON object: {payload[:80]!r}",
                                            code="backend_error")
                         return
-                    metrics.usage(chunk.get("usage"))
+                    self.metrics.usage(chunk.get("usage"))
                     if "model" in chunk:
-                        chunk["model"] = cfg.model
-                    if output_filter:  # Presidio takes milliseconds: on the event loop it would stall every client
-                        await asyncio.to_thread(filter_choices, chunk, field, redactors, False)
+                        chunk["model"] = self.cfg.model
+                    if self.output_filter:  # Presidio takes milliseconds: on the event loop it would stall every client
+                        await asyncio.to_thread(self._filter_choices, chunk, field, redactors, False)
                     if not wants_usage:
                         chunk.pop("usage", None)
                     if not _held_back(chunk, field) and (chunk.get("choices") or wants_usage or "error" in chunk):
                         if first_token and any(_get_text(c, field) for c in chunk.get("choices") or []):
-                            metrics.ttft.observe(time.perf_counter() - start)
+                            self.metrics.ttft.observe(time.perf_counter() - start)
                             first_token = False
                         yield f"data: {json.dumps(chunk)}\n\n"
                     payload = await gone.run(anext(it, "[DONE]"))
@@ -722,60 +734,75 @@ def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable
                 ended = True
             except httpx.TransportError as e:  # bytes already went out: no retry, tell the client in-band
                 ended = True
-                failed(b)
+                self._failed(b)
                 yield _error_event(f"backend failed mid-stream: {e}")
             except ClientGone:
                 pass
             finally:  # also reached when the server drops the generator because a send to the client failed
-                metrics.cancelled.inc(not ended)
+                self.metrics.cancelled.inc(not ended)
                 await finish()
 
         return _Stream(gen(), finish, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def proxy(request: Request, route: str):
+    async def proxy(self, request: Request, route: str) -> Response:
+        """A completion request from the client to a backend and back; 499 if the client leaves first."""
         start = time.perf_counter()
-        rate_limit(*authenticate(request))
-        body = await read_json(request)
-        validate(body, route, cfg)
+        self.rate_limit(*self.authenticate(request))
+        body = await self.read_and_validate(request, route)
         gone = _Disconnect(request)
         try:
             if body.get("stream"):
-                return await stream(route, body, gone, start)
+                return await self.stream(route, body, gone, start)
             try:
-                return await complete(route, body, gone)
+                return await self.complete(route, body, gone)
             finally:
                 gone.close()
         except ClientGone:
-            metrics.cancelled.inc()
+            self.metrics.cancelled.inc()
             return Response(status_code=499)
         except BaseException:
             gone.close()
             raise
 
+    async def models(self, request: Request):
+        self.authenticate(request)
+        return {"object": "list", "data": [{"id": self.cfg.model, "object": "model", "created": 0,
+                                            "owned_by": "aletheia"}]}
+
+    async def prometheus(self, request: Request) -> Response:
+        self.authenticate(request)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def health(self) -> JSONResponse:
+        """200 while a backend is healthy, else 503; no key needed."""
+        healthy = sum(b.healthy for b in self.pool.backends)
+        return JSONResponse({"status": "ok" if healthy else "no healthy backend", "healthy_backends": healthy,
+                             "backends": len(self.pool.backends)}, status_code=200 if healthy else 503)
+
+
+def create_app(cfg: GatewayConfig, keys: dict[str, str], output_filter: Callable[[str], list[Span]] | None, *,
+               transport: httpx.AsyncBaseTransport | None = None):
+    """The FastAPI app; `keys` maps each accepted bearer key to its rate limit, `output_filter` maps text to
+    (start, end, replacement) spans (None: no filter). `transport` replaces the network to the backends (tests)."""
+    gateway = Gateway(cfg, keys, output_filter, transport=transport)
+    app = FastAPI(title="Aletheia gateway", lifespan=gateway.lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.add_middleware(_Observe, metrics=gateway.metrics)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await proxy(request, "/v1/chat/completions")
+        return await gateway.proxy(request, "/v1/chat/completions")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await proxy(request, "/v1/completions")
+        return await gateway.proxy(request, "/v1/completions")
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        authenticate(request)
-        return {"object": "list", "data": [{"id": cfg.model, "object": "model", "created": 0, "owned_by": "aletheia"}]}
-
-    @app.get("/metrics")
-    async def prometheus(request: Request):
-        authenticate(request)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/health")
-    async def health():
-        healthy = sum(b.healthy for b in pool.backends)
-        return JSONResponse({"status": "ok" if healthy else "no healthy backend", "healthy_backends": healthy,
-                             "backends": len(pool.backends)}, status_code=200 if healthy else 503)
-
+    app.get("/v1/models")(gateway.models)
+    app.get("/metrics")(gateway.prometheus)
+    app.get("/health")(gateway.health)
     return app
 
 
