@@ -136,6 +136,43 @@ def test_a_second_run_on_the_same_folder_refuses_naming_the_first(tmp_path):
     assert json.loads(manifest.read_text())["stages"]["01_curate"]["status"] == "complete"
 
 
+KILLED_AFTER_THE_STAGE = """
+import os, signal, sys
+from pathlib import Path
+from aletheia_utils import pipeline
+
+def stage_then_killed(stage, notebooks, paths, log_output):
+    (paths.stage(stage)).mkdir(parents=True, exist_ok=True)
+    (paths.stage(stage) / "artifact.txt").write_text("written")
+    os.kill(os.getpid(), signal.SIGKILL)  # the artifacts exist, the manifest still says "running"
+pipeline._execute = stage_then_killed
+pipeline.run(pipeline.config_mod.load(sys.argv[1], [f"run.runs_dir={sys.argv[2]}", "run.name=killed"]), stop="01")
+"""
+
+RECORD_THE_STAGE = """
+import sys
+from aletheia_utils import pipeline
+
+pipeline._execute = lambda stage, notebooks, paths, log_output: print("executed", stage)
+pipeline.run(pipeline.config_mod.load(sys.argv[1], [f"run.runs_dir={sys.argv[2]}", "run.name=killed"]), stop="01")
+"""
+
+
+def test_a_stage_killed_before_the_manifest_update_is_redone(tmp_path):
+    """SIGKILL between a stage's artifacts and the manifest's "complete": the rerun redoes the stage."""
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_THE_STAGE, str(SMOKE), str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    run = tmp_path / "killed"
+    assert (run / "01_curate" / "artifact.txt").exists()
+    assert json.loads((run / "manifest.json").read_text())["stages"]["01_curate"]["status"] == "running"
+    rerun = subprocess.run([sys.executable, "-c", RECORD_THE_STAGE, str(SMOKE), str(tmp_path)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "executed 01_curate" in rerun.stdout and "skipped" not in rerun.stdout
+    assert json.loads((run / "manifest.json").read_text())["stages"]["01_curate"]["status"] == "complete"
+
+
 def test_bad_params_give_one_line_naming_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(SMOKE.read_text().replace("max_steps: 4", "max_stepz: 4"))
