@@ -8,6 +8,8 @@ and a reference forward, and the evaluations before and after training share one
 
 from __future__ import annotations
 
+from trl import DPOTrainer
+
 from . import config as config_mod
 from . import data, pipeline, sft
 
@@ -26,11 +28,16 @@ def records(rows: list[dict]) -> list[dict]:
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
 
 
-def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
-    """DPOTrainer on the curated pairs, policy initialised from the SFT adapter. Returns (trainer, info)."""
+class CrashSafeDPOTrainer(sft.CrashSafeMixin, sft.FastStepMixin, DPOTrainer):
+    """TRL's `DPOTrainer` with crash-safe checkpoints (`fingerprint=`) and bf16 activations fed to LoRA as they come."""
+
+
+def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> sft.Prepared:
+    """What 03's trainer is built from: the curated pairs checked and fitted to `dpo.max_seq_length`, the base with the
+    SFT adapter loaded trainable (the policy), the `DPOConfig` keyword arguments from the params (β, the loss types and
+    their weights, precomputed reference log-probs), callbacks and fingerprint. Bad input raises here."""
     from datasets import Dataset
     from peft import PeftModel
-    from trl import DPOConfig, DPOTrainer
 
     d, stage = cfg.dpo, paths.stage("03_dpo")
     data_dir, adapter = paths.root / "01_curate", paths.root / "02_sft" / "adapter"
@@ -44,20 +51,30 @@ def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
     train_rows, over_train = fit_pairs(train_rows, tokenizer, d.max_seq_length, d.overlong)
     val_rows, over_val = fit_pairs(val_rows, tokenizer, d.max_seq_length, d.overlong)
     losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, d.sft_weight]} if d.sft_weight else {}
-    args = DPOConfig(**sft.training_args(d, stage / "checkpoints", cfg.run.seed, precision),
-                     beta=d.beta, max_length=d.max_seq_length, eval_strategy="steps", eval_steps=d.eval_steps,
-                     precompute_ref_log_probs=True, **losses)
-    trainer_cls = type("CrashSafeDPOTrainer", (sft.CrashSafeMixin, sft.FastStepMixin, DPOTrainer), {})
-    trainer = trainer_cls(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(records(train_rows)),
-                          eval_dataset=Dataset.from_list(records(val_rows)), processing_class=tokenizer,
-                          callbacks=sft.callbacks(stage))
-    trainer.fingerprint = sft.fingerprint(d.model_dump(), cfg.run.base_model, cfg.run.seed, files=(
-        data_dir / "dpo.jsonl", data_dir / "dpo_val.jsonl", adapter / "adapter_model.safetensors"))
-    info = {"train_pairs": len(train_rows), "validation_pairs": len(val_rows), "precision": precision,
-            "beta": d.beta, "sft_weight": d.sft_weight,
-            "overlong": {"policy": d.overlong, "train": over_train, "validation": over_val},
-            "adapters": list(trainer.model.peft_config)}
-    return trainer, info
+    args = sft.training_args(d, stage / "checkpoints", cfg.run.seed, precision) | dict(
+        beta=d.beta, max_length=d.max_seq_length, eval_strategy="steps", eval_steps=d.eval_steps,
+        precompute_ref_log_probs=True, **losses)
+    return sft.Prepared(
+        model=model, tokenizer=tokenizer, train_dataset=Dataset.from_list(records(train_rows)),
+        eval_dataset=Dataset.from_list(records(val_rows)), args=args, callbacks=sft.callbacks(stage),
+        fingerprint=sft.fingerprint(d.model_dump(), cfg.run.base_model, cfg.run.seed, files=(
+            data_dir / "dpo.jsonl", data_dir / "dpo_val.jsonl", adapter / "adapter_model.safetensors")),
+        info={"train_pairs": len(train_rows), "validation_pairs": len(val_rows), "precision": precision,
+              "beta": d.beta, "sft_weight": d.sft_weight,
+              "overlong": {"policy": d.overlong, "train": over_train, "validation": over_val}})
+
+
+def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
+    """03's trainer, as the notebook builds it: `prepare`, then `DPOConfig` and `CrashSafeDPOTrainer` with no
+    `ref_model` (TRL keeps the reference as a frozen copy of the SFT adapter). Returns (trainer, info)."""
+    from trl import DPOConfig
+
+    run = prepare(cfg, paths)
+    trainer = CrashSafeDPOTrainer(
+        model=run.model, ref_model=None, args=DPOConfig(**run.args), train_dataset=run.train_dataset,
+        eval_dataset=run.eval_dataset, processing_class=run.tokenizer, callbacks=run.callbacks,
+        fingerprint=run.fingerprint)
+    return trainer, run.info
 
 
 if __name__ == "__main__":

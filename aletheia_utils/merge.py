@@ -25,9 +25,13 @@ def load_adapter_model(base_model: str, adapter: Path):
 
 
 def save_merged(model, tokenizer, target: Path) -> Path:
-    """`merge_and_unload`, then safetensors + tokenizer (with its chat template) + a generation config whose
-    EOS ids include the chat template's end-of-turn token; written atomically."""
-    merged = model.merge_and_unload()
+    """`merge_and_unload` the adapter model, then `save_model`."""
+    return save_model(model.merge_and_unload(), tokenizer, target)
+
+
+def save_model(merged, tokenizer, target: Path) -> Path:
+    """A merged model as a folder a server can load: safetensors + tokenizer (with its chat template) + a generation
+    config whose EOS ids include the chat template's end-of-turn token; written atomically."""
     eos = sorted({tokenizer.eos_token_id, *([merged.generation_config.eos_token_id]
                                             if isinstance(merged.generation_config.eos_token_id, int)
                                             else merged.generation_config.eos_token_id or [])} - {None})

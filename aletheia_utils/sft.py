@@ -15,9 +15,12 @@ import resource
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
+from trl import SFTTrainer
 
 from . import config as config_mod
 from . import data, models, pipeline
@@ -70,11 +73,10 @@ def check_target_modules(model, targets: list[str]) -> None:
                                 f"its linear layers are {', '.join(linear)}")
 
 
-def lora_config(lora: config_mod.Lora):
-    from peft import LoraConfig
-
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+def lora_kwargs(lora: config_mod.Lora) -> dict:
+    """`sft.lora` in PEFT's `LoraConfig` names: ΔW = (alpha/r)·B·A on each target module, biases untouched."""
+    return dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
 
 
 # ---------------------------------------------------------------- data
@@ -237,9 +239,11 @@ def complete_checkpoints(output_dir: Path, fingerprint: str | None = None) -> li
 class CrashSafeMixin:
     """Checkpoints are written into a staging folder, fsynced, marked complete and renamed into place;
     rotation deletes the oldest complete checkpoints beyond `save_total_limit` (never the newest) and any
-    partial ones. `fingerprint` (set by the builder) is recorded in each marker."""
+    partial ones. `fingerprint` (what the run was trained from, see `fingerprint()`) is recorded in each marker."""
 
-    fingerprint: str = ""
+    def __init__(self, *args, fingerprint: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fingerprint = fingerprint
 
     def _save_checkpoint(self, model, trial):
         final_root = Path(self.args.output_dir)
@@ -344,12 +348,35 @@ def callbacks(stage: Path) -> list:
             StopOnSignal()]
 
 
-def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
-    """The SFTTrainer for a run: base (+ init adapter), LoRA from params, curated splits, callbacks.
-    Returns (trainer, info) where info holds what the notebook shows (counts, precision, dropped rows)."""
+@dataclass
+class Prepared:
+    """Everything a stage's trainer is built from but the TRL/PEFT config objects themselves: the model, the
+    tokenizer, the checked datasets, the keyword arguments of `LoraConfig` (`lora`, None when the model already holds
+    its adapter) and of `SFTConfig`/`DPOConfig` (`args`), the monitoring callbacks and the checkpoint fingerprint.
+    `info` is what the notebook shows and the metrics file records."""
+
+    model: Any
+    tokenizer: Any
+    train_dataset: Any
+    eval_dataset: Any
+    args: dict
+    callbacks: list
+    fingerprint: str
+    info: dict
+    lora: dict | None = None
+
+
+class CrashSafeSFTTrainer(CrashSafeMixin, PlainLossMixin, FastStepMixin, SFTTrainer):
+    """TRL's `SFTTrainer` with crash-safe checkpoints (`CrashSafeMixin`, which takes `fingerprint=`), transformers'
+    plain causal-LM loss on a CPU (`PlainLossMixin`) and bf16 activations fed to LoRA as they come (`FastStepMixin`)."""
+
+
+def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> Prepared:
+    """What 02's trainer is built from: the curated splits checked and fitted to `sft.max_seq_length`, the base model
+    (+ `sft.init_adapter`) at the resolved precision with its LoRA targets checked, the `LoraConfig` and `SFTConfig`
+    keyword arguments from the params, callbacks and fingerprint. Bad input raises here, before any training."""
     from datasets import Dataset
     from peft import PeftModel
-    from trl import SFTConfig, SFTTrainer
 
     s, stage = cfg.sft, paths.stage("02_sft")
     data_dir = paths.root / "01_curate"
@@ -366,25 +393,34 @@ def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
     val_rows, over_val = fit_to_length(val_rows, tokenizer, style, s.max_seq_length, s.overlong)
     if not train_rows:
         raise TrainingDataError(f"no training rows fit max_seq_length={s.max_seq_length}")
-    peft_config = None
     if s.init_adapter:
         model = PeftModel.from_pretrained(model, s.init_adapter, is_trainable=True)
-    else:
-        peft_config = lora_config(s.lora)
-    args = SFTConfig(**training_args(s, stage / "checkpoints", cfg.run.seed, precision),
-                     max_length=s.max_seq_length, packing=s.packing, completion_only_loss=s.completion_only_loss,
-                     eval_strategy="steps" if val_rows else "no", eval_steps=s.eval_steps)
-    trainer_cls = type("CrashSafeSFTTrainer", (CrashSafeMixin, PlainLossMixin, FastStepMixin, SFTTrainer), {})
-    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(sft_records(train_rows, style)),
-                          eval_dataset=Dataset.from_list(sft_records(val_rows, style)) if val_rows else None,
-                          processing_class=tokenizer, peft_config=peft_config,
-                          callbacks=callbacks(stage))
-    trainer.fingerprint = fingerprint(s.model_dump(), cfg.run.base_model, cfg.run.seed, cfg.data.prompt_format,
-                                      files=(data_dir / "sft.jsonl", data_dir / "sft_val.jsonl"))
-    info = {"train_rows": len(train_rows), "validation_rows": len(val_rows), "precision": precision,
-            "overlong": {"policy": s.overlong, "train": over_train, "validation": over_val},
-            "init_adapter": s.init_adapter}
-    return trainer, info
+    args = training_args(s, stage / "checkpoints", cfg.run.seed, precision) | dict(
+        max_length=s.max_seq_length, packing=s.packing, completion_only_loss=s.completion_only_loss,
+        eval_strategy="steps" if val_rows else "no", eval_steps=s.eval_steps)
+    return Prepared(
+        model=model, tokenizer=tokenizer, train_dataset=Dataset.from_list(sft_records(train_rows, style)),
+        eval_dataset=Dataset.from_list(sft_records(val_rows, style)) if val_rows else None,
+        lora=None if s.init_adapter else lora_kwargs(s.lora), args=args, callbacks=callbacks(stage),
+        fingerprint=fingerprint(s.model_dump(), cfg.run.base_model, cfg.run.seed, cfg.data.prompt_format,
+                                files=(data_dir / "sft.jsonl", data_dir / "sft_val.jsonl")),
+        info={"train_rows": len(train_rows), "validation_rows": len(val_rows), "precision": precision,
+              "overlong": {"policy": s.overlong, "train": over_train, "validation": over_val},
+              "init_adapter": s.init_adapter})
+
+
+def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
+    """02's trainer, as the notebook builds it: `prepare`, then `LoraConfig`, `SFTConfig` and
+    `CrashSafeSFTTrainer`. Returns (trainer, info)."""
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    run = prepare(cfg, paths)
+    trainer = CrashSafeSFTTrainer(
+        model=run.model, args=SFTConfig(**run.args), peft_config=LoraConfig(**run.lora) if run.lora else None,
+        train_dataset=run.train_dataset, eval_dataset=run.eval_dataset, processing_class=run.tokenizer,
+        callbacks=run.callbacks, fingerprint=run.fingerprint)
+    return trainer, run.info
 
 
 def launch(cfg: config_mod.Config, paths: pipeline.RunPaths, module: str = "aletheia_utils.sft") -> list[dict]:

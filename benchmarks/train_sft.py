@@ -25,6 +25,7 @@ def stock_trainer(cfg, rows, bf16: bool | None):
     settings that define the optimization and the data (the project's values; the default micro-batch of 8 rows,
     capped at the project's effective batch, with accumulation making up the rest)."""
     from datasets import Dataset
+    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     s = cfg.sft
@@ -40,7 +41,7 @@ def stock_trainer(cfg, rows, bf16: bool | None):
                      completion_only_loss=s.completion_only_loss, include_num_input_tokens_seen=True)
     data = Dataset.from_list(au.sft.sft_records(rows, "chat_template"))
     return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                      peft_config=au.sft.lora_config(s.lora))
+                      peft_config=LoraConfig(**au.sft.lora_kwargs(s.lora)))
 
 
 def project_trainer(cfg, run_root):

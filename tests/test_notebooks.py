@@ -59,11 +59,15 @@ def test_config_cell_follows_parameters_and_paths_come_from_the_run(nb):
         "paths are derived from the run folder, never hard-coded"
 
 
-def test_summary_then_metrics_cell(nb):
+def test_summary_then_metrics_cell_then_exercises_and_references(nb):
     stage, book = nb
     assert any(c.cell_type == "markdown" and c.source.startswith("## Summary") for c in book.cells)
-    last = book.cells[-1]
-    assert last.cell_type == "code" and f'au.pipeline.write_metrics(paths, "{stage}"' in last.source
+    last_code = max(i for i, c in enumerate(book.cells) if c.cell_type == "code")
+    assert f'au.pipeline.write_metrics(paths, "{stage}"' in book.cells[last_code].source
+    after = [c.source.split("\n", 1)[0] for c in book.cells[last_code + 1:]]
+    assert after == ["## Exercises", "## References"], after
+    exercises = book.cells[last_code + 1].source
+    assert 2 <= len(re.findall(r"^\d\. ", exercises, re.M)) <= 3
 
 
 def test_headless_safe(nb):
