@@ -193,10 +193,20 @@ class Sampling(Section):
 
 
 class Generation(Section):
-    """How every compared model answers in 08: greedy through llama-server, one sampler setting, one token limit."""
+    """How every compared model answers in 08 through llama-server: one sampler setting, one token limit, and either
+    one greedy answer per prompt or `samples` answers sampled at `temperature` (seeds run.seed, run.seed + 1, ...)
+    whose metrics are averaged per prompt."""
 
     max_new_tokens: int = Field(320, ge=1, description="covers the references (100-200 words); a cut answer is counted")
     sampling: Sampling = Sampling()
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
+    samples: int = Field(1, ge=1, le=16, description="answers per prompt; more than 1 needs temperature > 0")
+
+    @model_validator(mode="after")
+    def _samples_need_temperature(self):
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError("samples > 1 needs temperature > 0: greedy samples would all be the same answer")
+        return self
 
 
 class Eval(Section):

@@ -246,7 +246,7 @@ def base_model_answers(prompts: list[str], base_model: str, max_tokens: int, thr
     if base_model.startswith("embedded:"):
         gguf = models.embedded_gguf(base_model.removeprefix("embedded:"))
         with serve.llama_server(gguf, parallel=parallel, threads=threads) as server:
-            answers = generation.server_answers(server, prompts, max_new_tokens=max_tokens, concurrency=parallel)
+            answers = generation.server_answers(server, prompts, max_new_tokens=max_tokens, concurrency=parallel)[0]
             failed = [p for p, a in zip(prompts, answers, strict=True) if a is None]
             if failed:
                 raise RuntimeError(f"llama-server failed {len(failed)} of {len(prompts)} base-model answers (first: "

@@ -294,6 +294,17 @@ def answer_metrics(answers: Sequence[generation.Answer | None], references: Sequ
     return out
 
 
+def sample_mean(per_sample: Sequence[Sequence[dict | None]]) -> list[dict | None]:
+    """Per prompt, each metric's mean over that prompt's answered samples (`answer_metrics` of each sample run):
+    with several sampled answers per prompt, a paired difference compares models rather than lucky draws. None where
+    no sample was answered."""
+    out: list[dict | None] = []
+    for rows in zip(*per_sample, strict=True):
+        got = [r for r in rows if r is not None]
+        out.append({k: float(np.mean([r[k] for r in got])) for k in got[0]} if got else None)
+    return out
+
+
 def summarize(metrics: Sequence[dict | None]) -> dict[str, float | int]:
     """Means over the answered prompts (`ended` is the share that ended on their own), and the share of answers
     with each kind of structure."""
@@ -497,9 +508,14 @@ def html_links(paths: pipeline.RunPaths, report_dir: Path) -> list[str]:
 
 
 def decoding_note(decoding: dict, prompts: int) -> str:
-    """How the compared answers were made (`decoding`: max_new_tokens, sampling) and how the verdict reads them."""
+    """How the compared answers were made (`decoding`: max_new_tokens, sampling, temperature, samples) and how the
+    verdict reads them."""
     fields = ", ".join(f"{k} {v:g}" for k, v in decoding["sampling"].items()) or "none"
-    return (f"Every model answered the same {prompts} held-out prompts through llama-server, greedily, with at most "
+    samples = decoding.get("samples", 1)
+    how = ("greedily" if not decoding.get("temperature") else
+           f"{samples} times each at temperature {decoding['temperature']:g} (one seed per sample, the same for every "
+           f"model; each prompt's metrics are the mean over its {samples} answers)")
+    return (f"Every model answered the same {prompts} held-out prompts through llama-server, {how}, with at most "
             f"{decoding['max_new_tokens']} new tokens and the same sampler fields ({fields}); an answer cut at the "
             "limit counts as not ended and is still scored. Δ is A − B per prompt, averaged over the prompts both "
             "answered, with a percentile bootstrap 95% interval over prompts: **better** needs the ROUGE-L and the "

@@ -1,7 +1,7 @@
 """Answers to prompts, each saying how many tokens it took and whether it ended on its own (end-of-turn before the
 token limit): transformers `generate` in left-padded batches, plain greedy (02/03's before and after), or an
-OpenAI-compatible server's chat endpoint (llama-server), greedy with llama-server's own sampler fields for repetition
-control (`eval.generation.sampling`), which 08 uses for every compared model.
+OpenAI-compatible server's chat endpoint (llama-server), greedy or sampled with a seed, with llama-server's own sampler
+fields for repetition control (`eval.generation`), which 08 uses for every compared model.
 """
 
 from __future__ import annotations
@@ -60,15 +60,19 @@ def hf_answers(model, tokenizer, prompts: Sequence[str], style: str, *, max_new_
 
 
 def server_answers(server, prompts: Sequence[str], *, max_new_tokens: int, sampling: dict | None = None,
-                   concurrency: int = 4, timeout: float = 300) -> list[Answer | None]:
-    """Greedy chat answers from an OpenAI-compatible server, decoded `concurrency` at a time (None where a request
-    failed). `sampling`: llama-server's own sampler fields (e.g. `dry_multiplier`), sent as they are."""
+                   temperature: float = 0.0, samples: int = 1, seed: int = 0, concurrency: int = 4,
+                   timeout: float = 300) -> list[list[Answer | None]]:
+    """`samples` chat answers per prompt from an OpenAI-compatible server, as one list per sample (None where a
+    request failed), all decoded `concurrency` at a time: greedy at `temperature` 0, else sample j is drawn with
+    seed `seed + j`. `sampling`: llama-server's own sampler fields (e.g. `repeat_penalty`), sent as they are."""
     api = serve.client(server, timeout=timeout)
 
-    def one(prompt: str) -> Answer | None:
+    def one(job: tuple[int, str]) -> Answer | None:
+        j, prompt = job
         try:
             r = api.chat.completions.create(model=server.model, messages=[{"role": "user", "content": prompt}],
-                                            max_tokens=max_new_tokens, temperature=0, extra_body=sampling or {})
+                                            max_tokens=max_new_tokens, temperature=temperature, seed=seed + j,
+                                            extra_body=sampling or {})
         except openai.OpenAIError:
             return None
         choice = r.choices[0]
@@ -76,5 +80,5 @@ def server_answers(server, prompts: Sequence[str], *, max_new_tokens: int, sampl
                       choice.finish_reason == "stop")
 
     with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(one, prompts))
-
+        flat = list(pool.map(one, [(j, p) for j in range(samples) for p in prompts]))
+    return [flat[j * len(prompts):(j + 1) * len(prompts)] for j in range(samples)]

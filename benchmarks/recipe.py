@@ -4,8 +4,9 @@ split only (the eval split is 08's and never chooses anything).
     .venv/bin/python benchmarks/recipe.py --run-dir runs/recipe [--decoding NAME=JSON …] \
         [--variant 'sft.learning_rate=1e-3 sft.max_steps=60' …] [--dpo] [--name recipe]
 
-The base model answers every validation prompt under each decoding (llama-server sampler fields: the decoding every
-model then shares). Each `--variant` (params overrides, as `aletheia run --set`) trains 02's SFT from the run's
+The base model answers every validation prompt under each decoding (llama-server sampler fields, plus `temperature`
+and `samples`: answers per prompt, seeds run.seed + j, metrics averaged per prompt; the decoding every model then
+shares). Each `--variant` (params overrides, as `aletheia run --set`) trains 02's SFT from the run's
 curated data in a scratch folder, then (with `--dpo`) 03's DPO on top; each trained model answers the same prompts
 under the same decodings. Per model: validation loss, ROUGE-L and embedding similarity to the references, the share of
 answers that ended on their own, repeated 4-grams, length against the reference, and the paired difference against
@@ -38,13 +39,19 @@ def scored(model_dir, cfg, prompts, references, embed, decodings) -> dict:
     with tempfile.TemporaryDirectory(prefix="recipe-gguf-") as tmp:
         gguf = au.gguf.convert(model_dir, Path(tmp) / "model-F16.gguf")
         with au.serve.llama_server(gguf, parallel=8, ctx_size=1024, threads=au.pipeline.use_threads(cfg)) as server:
-            for name, sampling in decodings.items():
+            for name, spec in decodings.items():
+                sampling = {k: v for k, v in spec.items() if k not in ("temperature", "samples")}
                 with common.Timer() as t:
-                    answers = au.generation.server_answers(server, prompts, concurrency=8, sampling=sampling,
-                                                           max_new_tokens=cfg.eval.generation.max_new_tokens)
-                per = au.evaluate.answer_metrics(answers, references, embed)
+                    runs = au.generation.server_answers(
+                        server, prompts, concurrency=8, sampling=sampling, temperature=spec.get("temperature", 0.0),
+                        samples=spec.get("samples", 1), seed=cfg.run.seed,
+                        max_new_tokens=cfg.eval.generation.max_new_tokens)
+                per_sample = [au.evaluate.answer_metrics(run, references, embed) for run in runs]
+                per = au.evaluate.sample_mean(per_sample)
                 out[name] = {"summary": au.evaluate.summarize(per), "per_prompt": per, "generate_s": round(t.s, 1),
-                               "examples": [a.text[:400] for a in answers[:2] if a is not None]}
+                             "per_sample": {k: [[m and round(m[k], 4) for m in run] for run in per_sample]
+                                            for k in au.evaluate.VERDICT_METRICS},
+                             "examples": [a.text[:400] for a in runs[0][:2] if a is not None]}
                 print(f"  {name}: " + ", ".join(f"{k} {out[name]['summary'][k]:.3f}" for k in KEYS)
                       + f" ({t.s:.0f} s)", flush=True)
     return out
@@ -71,8 +78,9 @@ def main() -> None:
     parser.add_argument("--run-dir", help="a run with 01_curate done (default runs/default-check)")
     parser.add_argument("--params", default=str(common.ROOT / "params" / "default.yaml"))
     parser.add_argument("--decoding", action="append", default=[],
-                        help='NAME=JSON of llama-server sampler fields, e.g. dry=\'{"dry_multiplier": 0.8}\' '
-                             "(default: the params' eval.generation.sampling)")
+                        help='NAME=JSON of llama-server sampler fields (+ temperature, samples), e.g. '
+                             't07x4=\'{"repeat_penalty": 1.1, "temperature": 0.7, "samples": 4}\' '
+                             "(default: the params' eval.generation)")
     parser.add_argument("--variant", action="append", default=[], help="params overrides, space-separated")
     parser.add_argument("--dpo", action="store_true", help="also train 03's DPO on each SFT variant")
     parser.add_argument("--limit", type=int, help="validation prompts answered (default all)")
@@ -80,8 +88,9 @@ def main() -> None:
     args = parser.parse_args()
     source = common.source_run(args.run_dir).resolve()
     cfg = au.config.load(args.params)
+    g = cfg.eval.generation
     decodings = dict((d.split("=", 1)[0], json.loads(d.split("=", 1)[1])) for d in args.decoding) or {
-        "params": cfg.eval.generation.sampling.model_dump()}
+        "params": {**g.sampling.model_dump(), "temperature": g.temperature, "samples": g.samples}}
     au.pipeline.use_threads(cfg)
     rows = au.data.load_split(source / "01_curate" / "sft_val.jsonl", "sft")[:args.limit]
     prompts, references = [r["prompt"] for r in rows], [r["response"] for r in rows]

@@ -61,6 +61,8 @@ def _write(tmp_path, mutate):
     (lambda t: t["serve"].update(port=70000), "serve.port: Input should be less than or equal to 65535"),
     (lambda t: t["eval"].update(skip_tasks={"aletheia_humaneval": " "}),
      "eval.skip_tasks: give the reason for skipping aletheia_humaneval"),
+    (lambda t: t["eval"].update(generation={"samples": 4}),
+     "eval.generation: samples > 1 needs temperature > 0"),
 ])
 def test_bad_params_name_file_key_and_reason(tmp_path, mutate, expected):
     path = _write(tmp_path, mutate)

@@ -195,6 +195,16 @@ def test_answer_metrics_count_ended_length_and_missing_answers():
     assert (summary["answered"], summary["ended"], summary["length_ratio"]) == (2, 0.5, 1.75)
 
 
+def test_sample_mean_averages_each_prompt_over_its_answered_samples():
+    first = [{"rouge_l": 0.2, "ended": 1.0}, None, None]
+    second = [{"rouge_l": 0.4, "ended": 0.0}, {"rouge_l": 0.1, "ended": 1.0}, None]
+    per = ev.sample_mean([first, second])
+    assert per[0] == pytest.approx({"rouge_l": 0.3, "ended": 0.5})
+    assert per[1] == {"rouge_l": 0.1, "ended": 1.0} and per[2] is None
+    with pytest.raises(ValueError):  # every sample run answers the same prompts
+        ev.sample_mean([first, second[:2]])
+
+
 def _prompts(n=48, seed=1):
     """Per-prompt metrics of a made-up model on `n` prompts."""
     rng = np.random.default_rng(seed)
