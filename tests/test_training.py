@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aletheia_utils import config, data, dpo, pipeline, sft
+from aletheia_utils import config, data, dpo, pipeline, sft, training
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -54,11 +54,11 @@ def build(params: Path, run_dir: Path, builder=sft.build_trainer):
     (lambda d: (d / "sft_val.jsonl").write_text(""), {}, data.SplitError, "sft_val.jsonl: split is empty"),
     (lambda d: (d / "sft.jsonl").write_text('{"prompt": "p"}\n'), {}, data.SplitError,
      "sft.jsonl:1: response: missing"),
-    (lambda d: None, {"sft.lora.target_modules": ["q_proj", "qkv_proj"]}, sft.TrainingDataError,
+    (lambda d: None, {"sft.lora.target_modules": ["q_proj", "qkv_proj"]}, training.TrainingDataError,
      "sft.lora.target_modules: the model has no module named qkv_proj; its linear layers are"),
-    (lambda d: None, {"sft.init_adapter": "/nonexistent/adapter"}, sft.TrainingDataError,
+    (lambda d: None, {"sft.init_adapter": "/nonexistent/adapter"}, training.TrainingDataError,
      "sft.init_adapter: /nonexistent/adapter is not an adapter folder"),
-    (lambda d: None, {"sft.overlong": "fail", "sft.max_seq_length": 64}, sft.TrainingDataError,
+    (lambda d: None, {"sft.overlong": "fail", "sft.max_seq_length": 64}, training.TrainingDataError,
      "example(s) are longer than max_seq_length=64 tokens"),
 ])
 def test_bad_sft_input_stops_before_training(tmp_path, setup, overrides, error, message):
@@ -81,15 +81,15 @@ def test_dpo_needs_the_sft_adapter(tmp_path):
     pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "It depends."} for r in corpus_rows(4)]
     for name in ("dpo.jsonl", "dpo_val.jsonl"):
         data.write_jsonl(run_dir / "01_curate" / name, pairs)
-    with pytest.raises(sft.TrainingDataError, match="no SFT adapter"):
+    with pytest.raises(training.TrainingDataError, match="no SFT adapter"):
         build(params, run_dir, dpo.build_trainer)
 
 
 def test_dpo_sft_weight_adds_the_chosen_answers_nll(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.max_steps": 1}, n_train=4)
     trainer, _ = build(params, run_dir)
-    sft.fit(trainer, run_dir / "02_sft" / "checkpoints")
-    sft.save_adapter(trainer, trainer.processing_class, run_dir / "02_sft" / "adapter")
+    training.fit(trainer, run_dir / "02_sft" / "checkpoints")
+    training.save_adapter(trainer, trainer.processing_class, run_dir / "02_sft" / "adapter")
     pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "It depends."} for r in corpus_rows(3)]
     for name in ("dpo.jsonl", "dpo_val.jsonl"):
         data.write_jsonl(run_dir / "01_curate" / name, pairs)
@@ -108,7 +108,7 @@ def test_lora_trains_on_an_8bit_base(tmp_path):
                                n_train=4)
     trainer, _ = build(params, run_dir)
     assert any("Linear8bitLt" in type(m).__name__ for m in trainer.model.modules())
-    output, _ = sft.fit(trainer, run_dir / "02_sft" / "checkpoints")
+    output, _ = training.fit(trainer, run_dir / "02_sft" / "checkpoints")
     assert trainer.state.global_step == 1 and output.training_loss > 0
 
 
@@ -121,7 +121,7 @@ def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: fl
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read()
-        if any(r.get("step", -1) >= step and "loss" in r for r in sft.read_metrics(metrics)):
+        if any(r.get("step", -1) >= step and "loss" in r for r in training.read_metrics(metrics)):
             return
         time.sleep(0.2)
     proc.kill()
@@ -141,16 +141,16 @@ def test_sigterm_saves_sigkill_resumes_and_the_newest_checkpoint_survives(tmp_pa
     assert first.returncode == 0, err
     report = json.loads(out.strip().splitlines()[-1])
     assert report["stopped_by"] == "SIGTERM" and report["global_step"] < 8
-    assert [p.name for p in sft.complete_checkpoints(ckpts)] == [f"checkpoint-{report['global_step']}"]
+    assert [p.name for p in training.complete_checkpoints(ckpts)] == [f"checkpoint-{report['global_step']}"]
     assert not (run_dir / "02_sft" / "adapter").exists()
 
     (ckpts / "checkpoint-99").mkdir()  # a partial checkpoint (no marker) must be ignored
     second = _start(params, run_dir)  # SIGKILL mid-run: nothing gets to clean up
     _wait_for_step(second, metrics, report["global_step"] + 2)
-    newest_before_kill = sft.complete_checkpoints(ckpts)[-1]
+    newest_before_kill = training.complete_checkpoints(ckpts)[-1]
     os.kill(second.pid, signal.SIGKILL)
     second.wait(timeout=60)
-    done = sft.complete_checkpoints(ckpts)
+    done = training.complete_checkpoints(ckpts)
     assert done and done[-1] >= newest_before_kill and len(done) == 1, "save_total_limit kept the newest"
 
     third = _start(params, run_dir)
@@ -160,7 +160,7 @@ def test_sigterm_saves_sigkill_resumes_and_the_newest_checkpoint_survives(tmp_pa
     assert final["resumed_from"] == str(done[-1]) and final["global_step"] == 8 and final["stopped_by"] is None
     assert (run_dir / "02_sft" / "adapter" / "adapter_model.safetensors").is_file()
     assert not (ckpts / "checkpoint-99").exists() and not (ckpts / ".staging").exists()
-    steps = [r["step"] for r in sft.read_metrics(metrics) if "loss" in r and "train_loss" not in r]
+    steps = [r["step"] for r in training.read_metrics(metrics) if "loss" in r and "train_loss" not in r]
     assert steps == sorted(set(steps)) and steps[-1] == 8, "a resumed run continues the metrics, no repeats"
 
 
@@ -170,19 +170,19 @@ def test_accelerate_runs_sft_as_two_cpu_processes(tmp_path):
                                           "sft.save_steps": 100}, n_train=12)
     cfg = config.load(params)
     assert cfg.sft.accelerate_config == str(ROOT / "params" / "accelerate" / "ddp_cpu.yaml")
-    reports = sft.launch(cfg, pipeline.RunPaths.for_run(cfg, run_dir))
+    reports = training.run_accelerate(cfg, pipeline.RunPaths.for_run(cfg, run_dir), "02_sft")
     assert sorted(r["rank"] for r in reports) == [0, 1] and {r["world_size"] for r in reports} == {2}
     assert {r["global_step"] for r in reports} == {2}, "both ranks stepped together"
     adapters = [p for p in run_dir.rglob("adapter_model.safetensors") if "checkpoints" not in p.parts]
     assert adapters == [run_dir / "02_sft" / "adapter" / "adapter_model.safetensors"], "one adapter, saved once"
-    assert len(sft.complete_checkpoints(run_dir / "02_sft" / "checkpoints")) == 1
+    assert len(training.complete_checkpoints(run_dir / "02_sft" / "checkpoints")) == 1
 
 
 def test_init_adapter_continues_an_existing_adapter(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.max_steps": 1}, n_train=4)
     trainer, _ = build(params, run_dir)
-    sft.fit(trainer, run_dir / "02_sft" / "checkpoints")
-    first = sft.save_adapter(trainer, trainer.processing_class, tmp_path / "first_adapter")
+    training.fit(trainer, run_dir / "02_sft" / "checkpoints")
+    first = training.save_adapter(trainer, trainer.processing_class, tmp_path / "first_adapter")
     (tmp_path / "again").mkdir()
     params2, run_dir2 = make_run(tmp_path / "again", {"sft.max_steps": 1, "sft.init_adapter": str(first)}, n_train=4)
     trainer2, info = build(params2, run_dir2)
