@@ -45,13 +45,15 @@ def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> training.Prepar
     val_rows = data.load_split(data_dir / "dpo_val.jsonl", "dpo")
     if not (adapter / "adapter_config.json").is_file():
         raise training.TrainingDataError(f"{adapter}: no SFT adapter (run 02_sft first)")
-    precision = training.resolve_precision(d.precision)
-    model, tokenizer = training.load_base(cfg.run.base_model, cfg.sft.load_in_8bit, precision)
+    device = training.training_device(cfg.run.device)
+    choice = training.choose_precision(d.precision, device)
+    precision = choice["precision"]
+    model, tokenizer = training.load_base(cfg.run.base_model, cfg.sft.load_in_8bit, precision, device)
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     train_rows, over_train = fit_pairs(train_rows, tokenizer, d.max_seq_length, d.overlong)
     val_rows, over_val = fit_pairs(val_rows, tokenizer, d.max_seq_length, d.overlong)
     losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, d.sft_weight]} if d.sft_weight else {}
-    args = training.training_args(d, stage / "checkpoints", cfg.run.seed, precision) | dict(
+    args = training.training_args(d, stage / "checkpoints", cfg.run.seed, precision, device) | dict(
         beta=d.beta, max_length=d.max_seq_length, eval_strategy="steps", eval_steps=d.eval_steps,
         precompute_ref_log_probs=True, **losses)
     return training.Prepared(
@@ -59,7 +61,8 @@ def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> training.Prepar
         eval_dataset=Dataset.from_list(records(val_rows)), args=args, callbacks=training.callbacks(stage),
         fingerprint=training.fingerprint(d.model_dump(), cfg.run.base_model, cfg.run.seed, files=(
             data_dir / "dpo.jsonl", data_dir / "dpo_val.jsonl", adapter / "adapter_model.safetensors")),
-        info={"train_pairs": len(train_rows), "validation_pairs": len(val_rows), "precision": precision,
+        info={"train_pairs": len(train_rows), "validation_pairs": len(val_rows),
+              "device": device, "precision": precision, "precision_choice": choice,
               "beta": d.beta, "sft_weight": d.sft_weight,
               "overlong": {"policy": d.overlong, "train": over_train, "validation": over_val}})
 

@@ -51,8 +51,10 @@ def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> training.Prepar
     if s.init_adapter and not (Path(s.init_adapter) / "adapter_config.json").is_file():
         raise training.TrainingDataError(f"sft.init_adapter: {s.init_adapter} is not an adapter folder "
                                          "(no adapter_config.json)")
-    precision = training.resolve_precision(s.precision)
-    model, tokenizer = training.load_base(cfg.run.base_model, s.load_in_8bit, precision)
+    device = training.training_device(cfg.run.device)
+    choice = training.choose_precision(s.precision, device)
+    precision = choice["precision"]
+    model, tokenizer = training.load_base(cfg.run.base_model, s.load_in_8bit, precision, device)
     training.check_target_modules(model, s.lora.target_modules)
     style = cfg.data.prompt_format
     train_rows, over_train = fit_to_length(train_rows, tokenizer, style, s.max_seq_length, s.overlong)
@@ -61,7 +63,7 @@ def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> training.Prepar
         raise training.TrainingDataError(f"no training rows fit max_seq_length={s.max_seq_length}")
     if s.init_adapter:
         model = PeftModel.from_pretrained(model, s.init_adapter, is_trainable=True)
-    args = training.training_args(s, stage / "checkpoints", cfg.run.seed, precision) | dict(
+    args = training.training_args(s, stage / "checkpoints", cfg.run.seed, precision, device) | dict(
         max_length=s.max_seq_length, packing=s.packing, completion_only_loss=s.completion_only_loss,
         eval_strategy="steps" if val_rows else "no", eval_steps=s.eval_steps)
     return training.Prepared(
@@ -70,7 +72,8 @@ def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> training.Prepar
         lora=None if s.init_adapter else training.lora_kwargs(s.lora), args=args, callbacks=training.callbacks(stage),
         fingerprint=training.fingerprint(s.model_dump(), cfg.run.base_model, cfg.run.seed, cfg.data.prompt_format,
                                          files=(data_dir / "sft.jsonl", data_dir / "sft_val.jsonl")),
-        info={"train_rows": len(train_rows), "validation_rows": len(val_rows), "precision": precision,
+        info={"train_rows": len(train_rows), "validation_rows": len(val_rows),
+              "device": device, "precision": precision, "precision_choice": choice,
               "overlong": {"policy": s.overlong, "train": over_train, "validation": over_val},
               "init_adapter": s.init_adapter})
 

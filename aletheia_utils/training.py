@@ -9,6 +9,7 @@ stage outside a notebook through `run_main` (the crash-safety test kills that pr
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -34,18 +35,74 @@ class TrainingDataError(ValueError):
 
 # ---------------------------------------------------------------- precision and model
 
-def resolve_precision(setting: str) -> str:
-    """'auto' -> bf16 on CUDA with bf16 or on a CPU with AVX512-BF16/AMX, else fp32."""
+GEMM_SHAPE = (512, 576, 1536)  # tokens x hidden -> MLP width: one up-projection of the embedded model on a packed row
+BF16_MARGIN = 1.1  # bf16 must be this much faster: it costs precision, and a near tie would flip between runs on noise
+
+
+def training_device(setting: str = "auto") -> str:
+    """`run.device` as "cuda" or "cpu": auto takes CUDA when torch sees a device; asking for CUDA without one raises."""
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise TrainingDataError("run.device: cuda, but torch sees no CUDA device (set auto or cpu)")
+    return setting
+
+
+def gemm_gflops(dtype, shape: tuple[int, int, int] = GEMM_SHAPE, reps: int = 5, budget_s: float = 0.25) -> float:
+    """GFLOP/s of one model-shaped CPU matmul in `dtype` with torch's current thread count: the best of `reps` after a
+    warm-up, cut short once `budget_s` is spent (an emulated bf16 matmul can be slow)."""
+    import torch
+
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=gen).to(dtype), torch.randn(k, n, generator=gen).to(dtype)
+    torch.mm(a, b)
+    best, start = float("inf"), time.perf_counter()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
+    return 2 * m * k * n / best / 1e9
+
+
+@functools.cache
+def measure_gemm(threads: int | None = None) -> dict[str, float]:
+    """The model-shaped matmul's speed in bf16 and fp32 on this CPU (once per process and thread count)."""
+    import torch
+
+    return {"bf16_gflops": round(gemm_gflops(torch.bfloat16), 1), "fp32_gflops": round(gemm_gflops(torch.float32), 1)}
+
+
+def faster_precision(bf16_gflops: float, fp32_gflops: float) -> str:
+    """bf16 when its measured matmul beats fp32's by `BF16_MARGIN`, else fp32. CPU flags do not decide it: on some
+    AVX512-BF16 CPUs without AMX a bf16 GEMM runs at half fp32's speed, on AMX CPUs at several times it."""
+    return "bf16" if bf16_gflops >= BF16_MARGIN * fp32_gflops else "fp32"
+
+
+def choose_precision(setting: str, device: str = "cpu", measure=None) -> dict:
+    """The training precision and how it was chosen: `{"precision", "by"}`, plus the two measured figures when
+    `auto` on a CPU timed a bf16 and an fp32 matmul (`measure()`, default `measure_gemm` at torch's threads) and took
+    the faster. On CUDA `auto` is bf16 where the GPU supports it, else fp16; any other setting is taken as given."""
     import torch
 
     if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if pipeline.cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
+        return {"precision": setting, "by": "params"}
+    if device == "cuda":
+        return {"precision": "bf16" if torch.cuda.is_bf16_supported() else "fp16", "by": "GPU support"}
+    figures = measure() if measure else measure_gemm(torch.get_num_threads())
+    return {"precision": faster_precision(**figures), "by": "measured", **figures}
 
 
-def load_base(base_model: str, load_in_8bit: bool = False, precision: str = "fp32"):
+def resolve_precision(setting: str, device: str = "auto") -> str:
+    """`choose_precision`'s choice alone (`device` as `run.device`)."""
+    return choose_precision(setting, training_device(device))["precision"]
+
+
+def load_base(base_model: str, load_in_8bit: bool = False, precision: str = "fp32", device: str = "auto"):
     """(model, tokenizer): the base in fp32, or 8-bit with bitsandbytes. For bf16 training the frozen base is held
     in bf16 (autocast would cast every weight on every step); the LoRA weights PEFT adds stay fp32 master weights."""
     import torch
@@ -58,7 +115,7 @@ def load_base(base_model: str, load_in_8bit: bool = False, precision: str = "fp3
     kwargs = {"dtype": torch.bfloat16 if precision == "bf16" and not load_in_8bit else torch.float32}
     if load_in_8bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+        kwargs["device_map"] = {"": 0} if training_device(device) == "cuda" else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model, tokenizer
 
@@ -308,14 +365,14 @@ def save_adapter(trainer, tokenizer, target: Path) -> Path:
 
 # ---------------------------------------------------------------- a stage's trainer, and running it
 
-def training_args(c: config_mod.Train, output_dir: Path, seed: int, precision: str) -> dict:
-    """TrainingArguments both trainers share, from a params section."""
-    import torch
-
-    return dict(use_cpu=not torch.cuda.is_available(),
+def training_args(c: config_mod.Train, output_dir: Path, seed: int, precision: str, device: str = "auto") -> dict:
+    """TrainingArguments both trainers share, from a params section; `device` as `run.device`."""
+    return dict(
+        use_cpu=training_device(device) == "cpu",
         output_dir=str(output_dir), per_device_train_batch_size=c.per_device_batch_size,
         per_device_eval_batch_size=c.per_device_batch_size, gradient_accumulation_steps=c.gradient_accumulation_steps,
-        learning_rate=c.learning_rate, lr_scheduler_type=c.lr_scheduler, warmup_steps=c.warmup_ratio,
+        learning_rate=c.learning_rate, lr_scheduler_type=c.lr_scheduler,
+        warmup_steps=c.warmup_ratio,  # a float < 1 is a fraction of the total steps (transformers 5 drops warmup_ratio)
         weight_decay=c.weight_decay, optim="adamw_torch", num_train_epochs=c.num_epochs, max_steps=c.max_steps,
         logging_steps=c.logging_steps, save_strategy="steps", save_steps=c.save_steps,
         save_total_limit=c.save_total_limit, bf16=precision == "bf16", fp16=precision == "fp16",

@@ -74,6 +74,55 @@ def test_overlong_rows_are_counted_and_dropped(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.max_seq_length": 330})
     trainer, info = build(params, run_dir)
     assert info["overlong"]["train"] > 0 and info["train_rows"] == 24 - info["overlong"]["train"]
+    choice = info["precision_choice"]  # smoke params: run.device cpu, precision auto -> measured, recorded
+    assert info["device"] == "cpu" and trainer.args.use_cpu and choice["by"] == "measured"
+    assert choice["precision"] == info["precision"] == ("bf16" if trainer.args.bf16 else "fp32")
+    assert choice["precision"] == training.faster_precision(choice["bf16_gflops"], choice["fp32_gflops"])
+
+
+def _never():
+    raise AssertionError("measured although the choice did not need it")
+
+
+@pytest.mark.parametrize("bf16, fp32, chosen", [
+    (160.0, 330.0, "fp32"),  # AVX512-BF16 without AMX: bf16 at half fp32's speed
+    (1900.0, 330.0, "bf16"),  # AMX: bf16 several times fp32
+    (340.0, 330.0, "fp32"),  # a near tie keeps fp32's precision (and does not flip between runs on noise)
+    (370.0, 330.0, "bf16"),
+])
+def test_auto_precision_takes_the_faster_measured_matmul(bf16, fp32, chosen):
+    figures = {"bf16_gflops": bf16, "fp32_gflops": fp32}
+    assert training.choose_precision("auto", "cpu", lambda: figures) == {"precision": chosen, "by": "measured",
+                                                                         **figures}
+
+
+def test_precision_set_in_the_params_or_on_a_gpu_is_not_measured(monkeypatch):
+    assert training.choose_precision("fp32", "cpu", _never) == {"precision": "fp32", "by": "params"}
+    assert training.choose_precision("bf16", "cuda", _never) == {"precision": "bf16", "by": "params"}
+    import torch
+
+    for supported, chosen in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
+        assert training.choose_precision("auto", "cuda", _never) == {"precision": chosen, "by": "GPU support"}
+
+
+def test_the_matmul_measurement_is_cheap():
+    started = time.perf_counter()
+    figures = training.measure_gemm.__wrapped__()
+    assert time.perf_counter() - started < 1.0 and set(figures) == {"bf16_gflops", "fp32_gflops"}
+    assert all(v > 0 for v in figures.values())
+
+
+def test_run_device_decides_where_training_runs():
+    import torch
+
+    assert training.training_device("cpu") == "cpu"
+    assert training.training_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    tree = yaml.safe_load(SMOKE.read_text())
+    assert training.training_args(config.SFT(**tree["sft"]), Path("x"), 0, "fp32", "cpu")["use_cpu"] is True
+    if not torch.cuda.is_available():
+        with pytest.raises(training.TrainingDataError, match="run.device: cuda, but torch sees no CUDA device"):
+            training.training_device("cuda")
 
 
 def test_dpo_needs_the_sft_adapter(tmp_path):
