@@ -13,6 +13,7 @@ from trl import SFTTrainer
 
 from . import config as config_mod
 from . import data, pipeline, training
+
 # still called as `au.sft.*` by 08_evaluate and benchmarks/recipe.py, which are not this change's to edit
 from .training import resolve_precision, save_adapter  # noqa: F401
 

@@ -345,8 +345,9 @@ def fit(trainer, output_dir: Path):
     return output, str(resume) if resume else None
 
 
-def eval_losses(records: list[dict], key: str = "eval_loss") -> list[float]:
-    """The validation metric over a stage's metrics lines, the step-0 baseline first (one value per step)."""
+def validation_curve(records: list[dict], key: str = "eval_loss") -> list[float]:
+    """One validation metric (`eval_loss`, or e.g. DPO's `eval_rewards/accuracies`) over a stage's metrics lines,
+    one value per evaluated step, the step-0 baseline first."""
     by_step = {r["step"]: r[key] for r in records if key in r}
     return [by_step[k] for k in sorted(by_step)]
 

@@ -123,6 +123,7 @@ def test_humaneval_scorer_runs_the_packages_sandbox():
     assert utils.humaneval_results(problem, ["    return None\n"]) == {"pass@1": 0.0}
 
 
+@pytest.mark.slow
 def test_every_shipped_task_on_the_embedded_model(task_data, base_dir, tmp_path):
     out, _ = task_data
     lm = ev.hf_lm(base_dir, batch_size=4)
@@ -148,6 +149,7 @@ def test_missing_model_path_is_named(tmp_path):
         ev.hf_lm(tmp_path / "nope")
 
 
+@pytest.mark.slow
 def test_llama_server_backend_runs_generation_and_reports_loglikelihood(task_data, base_dir, tmp_path):
     try:
         au.llamacpp.server_binary()
