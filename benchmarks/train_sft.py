@@ -127,7 +127,7 @@ def main() -> None:
                               "train_loss": round(r["train_loss"], 4), "val_loss": round(r["val_loss"], 4)}
                for r in rows_out}
     print(summary)
-    common.write("train_sft", {"machine": machine, "source_run": str(source), "steps": args.steps,
+    common.write("train_sft", {"machine": machine, "source_run": common.relative(source), "steps": args.steps,
                                "tokens_per_step": rows_out[0]["tokens"] / args.steps, "summary": summary,
                                "variants": rows_out, "profile_project": profiled},
                  {r["variant"]: r["tokens_per_s"] for r in rows_out}, "SFT tokens/s (higher is better)")
