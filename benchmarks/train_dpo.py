@@ -118,8 +118,7 @@ def main() -> None:
                   "cpu_time_speedup": round(r["cpu_speedup_vs_" + base["variant"]], 2)} for r in results}
     print(summary)
     common.write("train_dpo", {"machine": machine, "source_run": common.relative(source), "summary": summary,
-                               "variants": results,
-                             "profile_project": profiled},
+                               "variants": results, "profile_project": profiled},
                  {r["variant"]: r["pairs_per_s"] for r in results}, "DPO pairs/s (higher is better)")
 
 
