@@ -9,6 +9,7 @@ stage outside a notebook through `run_main` (the crash-safety test kills that pr
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import hashlib
 import json
@@ -278,6 +279,21 @@ def complete_checkpoints(output_dir: Path, fingerprint: str | None = None) -> li
     return sorted(found, key=lambda p: int(p.name[11:]))
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint (or the adapter) could not be written, e.g. on a full disk; nothing partial is left behind."""
+
+
+def _write_failure(e: BaseException) -> str:
+    """Why a write failed, in a few words: 'no space left on the device' wherever in the chain ENOSPC shows."""
+    chain, cause = [], e
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(getattr(c, "errno", None) == errno.ENOSPC or "No space left" in str(c) for c in chain):
+        return "no space left on the device"
+    return f"{type(e).__name__}: {e}"
+
+
 class CrashSafeMixin:
     """Checkpoints are written into a staging folder, fsynced, marked complete and renamed into place;
     rotation deletes the oldest complete checkpoints beyond `save_total_limit` (never the newest) and any
@@ -290,22 +306,29 @@ class CrashSafeMixin:
     def _save_checkpoint(self, model, trial):
         final_root = Path(self.args.output_dir)
         staging_root = final_root / ".staging"
+        name = f"checkpoint-{self.state.global_step}"
+        staged, final = staging_root / name, final_root / name
         if self.args.should_save:
             shutil.rmtree(staging_root, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self.args.output_dir = str(staging_root)
         try:
             super()._save_checkpoint(model, trial)  # every rank writes its part (e.g. its RNG state)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                (staged / COMPLETE).write_text(json.dumps({"step": self.state.global_step, "time": time.time(),
+                                                           "fingerprint": self.fingerprint}))
+                _fsync_tree(staged)
+        except Exception as e:  # a full disk surfaces as OSError, torch's RuntimeError or safetensors' own error
+            shutil.rmtree(staging_root, ignore_errors=True)  # nothing partial stays, and its space is freed
+            newest = complete_checkpoints(final_root, self.fingerprint)
+            raise CheckpointError(
+                f"{final}: the checkpoint could not be written ({_write_failure(e)}); nothing of it was kept, and the "
+                f"next run resumes from {newest[-1] if newest else 'the start (no complete checkpoint yet)'}") from e
         finally:
             self.args.output_dir = str(final_root)
-        self.accelerator.wait_for_everyone()
         if not self.args.should_save:
             return
-        name = f"checkpoint-{self.state.global_step}"
-        staged, final = staging_root / name, final_root / name
-        (staged / COMPLETE).write_text(json.dumps({"step": self.state.global_step, "time": time.time(),
-                                                   "fingerprint": self.fingerprint}))
-        _fsync_tree(staged)
         if final.exists():
             shutil.rmtree(final)
         staged.rename(final)
@@ -356,8 +379,13 @@ def save_adapter(trainer, tokenizer, target: Path) -> Path:
     """Save the trained adapter and tokenizer atomically into `target`."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp, selected_adapters=["default"])  # not DPO's frozen "ref" copy
-    tokenizer.save_pretrained(tmp)
+    try:
+        trainer.model.save_pretrained(tmp, selected_adapters=["default"])  # not DPO's frozen "ref" copy
+        tokenizer.save_pretrained(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{target}: the adapter could not be written ({_write_failure(e)}); "
+                              "nothing of it was kept") from e
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)

@@ -1,5 +1,6 @@
 """02_sft / 03_dpo: bad input stops before training; crash safety (SIGTERM, SIGKILL, resume); 8-bit loading."""
 
+import errno
 import json
 import os
 import signal
@@ -211,6 +212,38 @@ def test_sigterm_saves_sigkill_resumes_and_the_newest_checkpoint_survives(tmp_pa
     assert not (ckpts / "checkpoint-99").exists() and not (ckpts / ".staging").exists()
     steps = [r["step"] for r in training.read_metrics(metrics) if "loss" in r and "train_loss" not in r]
     assert steps == sorted(set(steps)) and steps[-1] == 8, "a resumed run continues the metrics, no repeats"
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_keeps_nothing_partial_and_the_next_run_resumes(tmp_path, monkeypatch):
+    import torch
+
+    params, run_dir = make_run(tmp_path, {"sft.max_steps": 2, "sft.save_steps": 1, "sft.eval_steps": 100,
+                                          "sft.logging_steps": 1}, n_train=4)
+    ckpts = run_dir / "02_sft" / "checkpoints"
+    save = torch.save
+
+    def disk_full_at_step_2(obj, f, *args, **kwargs):
+        if "checkpoint-2" in str(f):  # the file is cut short, as a full disk leaves it
+            Path(f).write_bytes(b"\x80\x02")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_step_2)
+    trainer, _ = build(params, run_dir)
+    with pytest.raises(training.CheckpointError) as err:
+        training.fit(trainer, ckpts)
+    assert str(err.value) == (f"{ckpts / 'checkpoint-2'}: the checkpoint could not be written (no space left on the "
+                              "device); nothing of it was kept, and the next run resumes from "
+                              f"{ckpts / 'checkpoint-1'}")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-1"], "no partial checkpoint-2, no staging"
+    assert [p.name for p in training.complete_checkpoints(ckpts)] == ["checkpoint-1"]
+
+    monkeypatch.setattr(torch, "save", save)  # space again
+    trainer, _ = build(params, run_dir)
+    _, resumed = training.fit(trainer, ckpts)
+    assert resumed == str(ckpts / "checkpoint-1") and trainer.state.global_step == 2
+    assert [p.name for p in training.complete_checkpoints(ckpts)] == ["checkpoint-1", "checkpoint-2"]
 
 
 @pytest.mark.slow
