@@ -72,7 +72,8 @@ def gemm_gflops(dtype, shape: tuple[int, int, int] = GEMM_SHAPE, reps: int = 5, 
 
 @functools.cache
 def measure_gemm(threads: int | None = None) -> dict[str, float]:
-    """The model-shaped matmul's speed in bf16 and fp32 on this CPU (once per process and thread count)."""
+    """The model-shaped matmul's speed in bf16 and fp32 on this CPU at torch's thread count, measured once per
+    process and `threads` (the cache key: pass `torch.get_num_threads()`, as training will run)."""
     import torch
 
     return {"bf16_gflops": round(gemm_gflops(torch.bfloat16), 1), "fp32_gflops": round(gemm_gflops(torch.float32), 1)}
