@@ -135,6 +135,7 @@ def test_dpo_needs_the_sft_adapter(tmp_path):
         build(params, run_dir, dpo.build_trainer)
 
 
+@pytest.mark.slow
 def test_dpo_sft_weight_adds_the_chosen_answers_nll(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.max_steps": 1}, n_train=4)
     trainer, _ = build(params, run_dir)
@@ -153,6 +154,7 @@ def test_dpo_sft_weight_adds_the_chosen_answers_nll(tmp_path):
     assert losses[1.0] - losses[0.0] > 1.0, losses  # + the chosen answers' per-token NLL (a few nats)
 
 
+@pytest.mark.slow
 def test_lora_trains_on_an_8bit_base(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.load_in_8bit": True, "sft.max_steps": 1, "sft.precision": "fp32"},
                                n_train=4)
@@ -260,6 +262,7 @@ def test_accelerate_runs_sft_as_two_cpu_processes(tmp_path):
     assert len(training.complete_checkpoints(run_dir / "02_sft" / "checkpoints")) == 1
 
 
+@pytest.mark.slow
 def test_init_adapter_continues_an_existing_adapter(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.max_steps": 1}, n_train=4)
     trainer, _ = build(params, run_dir)
