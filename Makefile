@@ -1,4 +1,4 @@
-# Two commands do all the set-up (see README.md): `make run` and `make test`.
+# Two commands do all the set-up (see README.md): `make run` and `make test` (`make test-fast`: no slow tests).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -6,7 +6,7 @@ PARAMS ?= params/default.yaml
 NAME   ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test lint lab strip clean
+.PHONY: setup run test test-fast lint lab strip clean
 
 # torch==2.13.0 first: a local CPU wheel satisfies it; an unpinned torch pulls GBs of CUDA packages.
 $(STAMP): pyproject.toml
@@ -26,11 +26,18 @@ run: setup
 test: setup lint
 	$(BIN)/pytest
 
+# The fast lane: ruff, then every test not marked slow (slow: whole notebooks, training, llama.cpp, model servers);
+# it needs only the .venv, not the llama.cpp build.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -m "not slow"
+
 lint: setup
 	$(BIN)/ruff check .
 
+# Jupyter refuses to start as root (most ML containers) unless told to.
 lab: setup
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 strip: setup
 	$(BIN)/nbstripout notebooks/*.ipynb

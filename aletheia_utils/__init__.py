@@ -12,7 +12,8 @@ import logging
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = ["config", "curate", "data", "dpo", "embed", "evaluate", "gateway", "generation", "gguf", "llamacpp", "merge",
-           "models", "pii", "pipeline", "plots", "serve", "sft"]
+           "models", "pii", "pipeline", "plots", "serve", "sft",
+           "training"]
 __version__ = "0.1.0"
 
 

@@ -40,8 +40,11 @@ def _validate_data(args) -> int:
         ok, problems = data.validate_file(path, args.kind)
         for p in problems:
             print(p, file=sys.stderr)
-        print(f"{path}: {ok} valid {args.kind} row(s), {len(problems)} problem(s)")
-        failed |= bool(problems)
+        empty = ok == 0 and not problems  # no rows at all: nothing to train or evaluate on is a problem too
+        if empty:
+            print(f"{path}: empty: no {args.kind} rows (blank lines only or no lines)", file=sys.stderr)
+        print(f"{path}: {ok} valid {args.kind} row(s), {len(problems) + empty} problem(s)")
+        failed |= bool(problems) or empty
     return 2 if failed else 0
 
 

@@ -34,7 +34,7 @@ class Run(Section):
     base_model: str = Field(min_length=1)
     seed: int = 42
     runs_dir: str = str(PROJECT / "runs")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where 02 and 03 train; auto: CUDA if present")
     threads: int | None = Field(default=None, ge=1)
 
 

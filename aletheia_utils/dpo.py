@@ -11,14 +11,14 @@ from __future__ import annotations
 from trl import DPOTrainer
 
 from . import config as config_mod
-from . import data, pipeline, sft
+from . import data, pipeline, training
 
 
 def fit_pairs(rows: list[dict], tokenizer, max_len: int, policy: str) -> tuple[list[dict], int]:
-    """`sft.apply_overlong` for pairs, measured on the prompt with the longer of the two answers."""
+    """`training.apply_overlong` for pairs, measured on the prompt with the longer of the two answers."""
     texts = [data.format_example(r["prompt"], max(r["chosen"], r["rejected"], key=len), "chat_template", tokenizer)
              for r in rows]
-    return sft.apply_overlong(rows, texts, tokenizer, max_len, policy)
+    return training.apply_overlong(rows, texts, tokenizer, max_len, policy)
 
 
 def records(rows: list[dict]) -> list[dict]:
@@ -28,11 +28,11 @@ def records(rows: list[dict]) -> list[dict]:
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
 
 
-class CrashSafeDPOTrainer(sft.CrashSafeMixin, sft.FastStepMixin, DPOTrainer):
+class CrashSafeDPOTrainer(training.CrashSafeMixin, training.FastStepMixin, DPOTrainer):
     """TRL's `DPOTrainer` with crash-safe checkpoints (`fingerprint=`) and bf16 activations fed to LoRA as they come."""
 
 
-def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> sft.Prepared:
+def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> training.Prepared:
     """What 03's trainer is built from: the curated pairs checked and fitted to `dpo.max_seq_length`, the base with the
     SFT adapter loaded trainable (the policy), the `DPOConfig` keyword arguments from the params (β, the loss types and
     their weights, precomputed reference log-probs), callbacks and fingerprint. Bad input raises here."""
@@ -44,22 +44,25 @@ def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> sft.Prepared:
     train_rows = data.load_split(data_dir / "dpo.jsonl", "dpo")
     val_rows = data.load_split(data_dir / "dpo_val.jsonl", "dpo")
     if not (adapter / "adapter_config.json").is_file():
-        raise sft.TrainingDataError(f"{adapter}: no SFT adapter (run 02_sft first)")
-    precision = sft.resolve_precision(d.precision)
-    model, tokenizer = sft.load_base(cfg.run.base_model, cfg.sft.load_in_8bit, precision)
+        raise training.TrainingDataError(f"{adapter}: no SFT adapter (run 02_sft first)")
+    device = training.training_device(cfg.run.device)
+    choice = training.choose_precision(d.precision, device)
+    precision = choice["precision"]
+    model, tokenizer = training.load_base(cfg.run.base_model, cfg.sft.load_in_8bit, precision, device)
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     train_rows, over_train = fit_pairs(train_rows, tokenizer, d.max_seq_length, d.overlong)
     val_rows, over_val = fit_pairs(val_rows, tokenizer, d.max_seq_length, d.overlong)
     losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, d.sft_weight]} if d.sft_weight else {}
-    args = sft.training_args(d, stage / "checkpoints", cfg.run.seed, precision) | dict(
+    args = training.training_args(d, stage / "checkpoints", cfg.run.seed, precision, device) | dict(
         beta=d.beta, max_length=d.max_seq_length, eval_strategy="steps", eval_steps=d.eval_steps,
         precompute_ref_log_probs=True, **losses)
-    return sft.Prepared(
+    return training.Prepared(
         model=model, tokenizer=tokenizer, train_dataset=Dataset.from_list(records(train_rows)),
-        eval_dataset=Dataset.from_list(records(val_rows)), args=args, callbacks=sft.callbacks(stage),
-        fingerprint=sft.fingerprint(d.model_dump(), cfg.run.base_model, cfg.run.seed, files=(
+        eval_dataset=Dataset.from_list(records(val_rows)), args=args, callbacks=training.callbacks(stage),
+        fingerprint=training.fingerprint(d.model_dump(), cfg.run.base_model, cfg.run.seed, files=(
             data_dir / "dpo.jsonl", data_dir / "dpo_val.jsonl", adapter / "adapter_model.safetensors")),
-        info={"train_pairs": len(train_rows), "validation_pairs": len(val_rows), "precision": precision,
+        info={"train_pairs": len(train_rows), "validation_pairs": len(val_rows),
+              "device": device, "precision": precision, "precision_choice": choice,
               "beta": d.beta, "sft_weight": d.sft_weight,
               "overlong": {"policy": d.overlong, "train": over_train, "validation": over_val}})
 
@@ -78,4 +81,4 @@ def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
 
 
 if __name__ == "__main__":
-    raise SystemExit(sft.run_main(None, build_trainer, "03_dpo"))
+    raise SystemExit(training.run_main(None, build_trainer, "03_dpo"))

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from . import data, sft
+from . import data, training
 
 
 def load_adapter_model(base_model: str, adapter: Path):
@@ -19,8 +19,8 @@ def load_adapter_model(base_model: str, adapter: Path):
     from peft import PeftModel
 
     if not (adapter / "adapter_config.json").is_file():
-        raise sft.TrainingDataError(f"{adapter}: no adapter (run the training stages first)")
-    model, tokenizer = sft.load_base(base_model)
+        raise training.TrainingDataError(f"{adapter}: no adapter (run the training stages first)")
+    model, tokenizer = training.load_base(base_model)
     return PeftModel.from_pretrained(model, str(adapter)).eval(), tokenizer
 
 

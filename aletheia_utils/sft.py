@@ -1,5 +1,5 @@
-"""LoRA SFT with TRL's `SFTTrainer` (02_sft), and the training plumbing 03_dpo shares: precision,
-data checks, per-step monitoring, crash-safe checkpoints and a clean stop on SIGTERM/SIGINT.
+"""LoRA SFT with TRL's `SFTTrainer` (02_sft): the curated rows as TRL's prompt/completion records, fitted to
+`sft.max_seq_length`, and the trainer built from them. The plumbing it shares with 03_dpo is in `training`.
 
 `python -m aletheia_utils.sft --params FILE --run-dir DIR` runs the same training outside a notebook
 (the crash-safety test kills that process; `accelerate launch` starts it on several processes).
@@ -7,79 +7,16 @@ data checks, per-step monitoring, crash-safe checkpoints and a clean stop on SIG
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import os
-import resource
-import shutil
-import signal
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from . import config as config_mod
-from . import data, models, pipeline
+from . import data, pipeline, training
 
-COMPLETE = "COMPLETE"  # marker file: this checkpoint was fully written and synced
+# still called as `au.sft.*` by 08_evaluate and benchmarks/recipe.py, which are not this change's to edit
+from .training import resolve_precision, save_adapter  # noqa: F401
 
-
-class TrainingDataError(ValueError):
-    """Training input that cannot be used; raised before training starts."""
-
-
-# ---------------------------------------------------------------- precision and model
-
-def resolve_precision(setting: str) -> str:
-    """'auto' -> bf16 on CUDA with bf16 or on a CPU with AVX512-BF16/AMX, else fp32."""
-    import torch
-
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if pipeline.cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
-
-
-def load_base(base_model: str, load_in_8bit: bool = False, precision: str = "fp32"):
-    """(model, tokenizer): the base in fp32, or 8-bit with bitsandbytes. For bf16 training the frozen base is held
-    in bf16 (autocast would cast every weight on every step); the LoRA weights PEFT adds stay fp32 master weights."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    path = models.resolve(base_model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    kwargs = {"dtype": torch.bfloat16 if precision == "bf16" and not load_in_8bit else torch.float32}
-    if load_in_8bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return model, tokenizer
-
-
-def check_target_modules(model, targets: list[str]) -> None:
-    """Fail before training if a LoRA target module name does not exist in the model."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__.endswith("Linear")})
-        raise TrainingDataError(f"sft.lora.target_modules: the model has no module named {', '.join(missing)}; "
-                                f"its linear layers are {', '.join(linear)}")
-
-
-def lora_kwargs(lora: config_mod.Lora) -> dict:
-    """`sft.lora` in PEFT's `LoraConfig` names: ΔW = (alpha/r)·B·A on each target module, biases untouched."""
-    return dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
-
-
-# ---------------------------------------------------------------- data
 
 def sft_records(rows: list[dict], style: str) -> list[dict]:
     """prompt/completion records TRL understands: conversational for the chat template, plain text with the
@@ -90,288 +27,18 @@ def sft_records(rows: list[dict], style: str) -> list[dict]:
     return [{"prompt": data.format_prompt(r["prompt"], "markers"), "completion": r["response"]} for r in rows]
 
 
-def apply_overlong(rows: list[dict], texts: list[str], tokenizer, max_len: int, policy: str) -> tuple[list[dict], int]:
-    """Rows whose formatted text exceeds `max_len` tokens are dropped, left to the trainer's truncation, or
-    fail the stage (`policy`); returns the rows kept and how many were over."""
-    lengths = data.token_lengths(texts, tokenizer)
-    over = {i for i, n in enumerate(lengths) if n > max_len}
-    if over and policy == "fail":
-        raise TrainingDataError(f"{len(over)} example(s) are longer than max_seq_length={max_len} tokens "
-                                f"(longest {max(lengths)}); set overlong to drop or truncate")
-    return ([r for i, r in enumerate(rows) if i not in over] if policy == "drop" else rows), len(over)
-
-
 def fit_to_length(rows: list[dict], tokenizer, style: str, max_len: int, policy: str) -> tuple[list[dict], int]:
-    """`apply_overlong` for SFT rows, measured as the trainer will format them."""
+    """`training.apply_overlong` for SFT rows, measured as the trainer will format them."""
     texts = [data.format_example(r["prompt"], r["response"], style, tokenizer) for r in rows]
-    return apply_overlong(rows, texts, tokenizer, max_len, policy)
+    return training.apply_overlong(rows, texts, tokenizer, max_len, policy)
 
 
-# ---------------------------------------------------------------- monitoring
-
-def peak_memory_mb() -> float:
-    """CUDA max allocated on GPU, else the process's peak RSS."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class MetricsCallback(TrainerCallback):
-    """Appends one JSON line per log event to `metrics.jsonl`: the trainer's own numbers (loss, eval_loss,
-    learning_rate, grad_norm, DPO rewards …) plus tokens/s, samples/s and peak memory since the last line."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._last = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._last = (time.perf_counter(), state.num_input_tokens_seen or 0, state.global_step)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        now, tokens = time.perf_counter(), state.num_input_tokens_seen or 0
-        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(),
-                  **{k: v for k, v in logs.items() if isinstance(v, int | float)}}
-        t0, tok0, step0 = self._last or (now, tokens, state.global_step)
-        if "loss" in logs and now > t0 and state.global_step > step0:
-            samples = (state.global_step - step0) * args.per_device_train_batch_size * \
-                args.gradient_accumulation_steps * args.world_size
-            record |= {"tokens_per_s": (tokens - tok0) / (now - t0), "samples_per_s": samples / (now - t0)}
-            self._last = (now, tokens, state.global_step)
-        record["peak_memory_mb"] = peak_memory_mb()
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in open(path, encoding="utf-8")] if path.exists() else []
-
-
-class StopOnSignal(TrainerCallback):
-    """SIGTERM or SIGINT: finish the current step, save a checkpoint, stop training cleanly."""
-
-    def __init__(self):
-        self.received = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.received:
-            control.should_save = control.should_training_stop = True
-
-    def on_train_end(self, args, state, control, **kwargs):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-# ---------------------------------------------------------------- speed
-
-class FastStepMixin:
-    """Under bf16 autocast the LoRA branch takes the bf16 activations as they come: PEFT would otherwise copy each
-    adapter input to fp32 (its master weights' dtype), and autocast cast it back to bf16 for the matmul."""
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        from peft.helpers import disable_input_dtype_casting
-
-        with disable_input_dtype_casting(model, active=self.args.bf16):
-            return super().training_step(model, inputs, num_items_in_batch)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        from peft.helpers import disable_input_dtype_casting
-
-        with disable_input_dtype_casting(model, active=self.args.bf16):
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-
-
-class PlainLossMixin:
-    """On a CPU, SFT takes transformers' own causal-LM loss (full logits, one cross-entropy) instead of TRL's chunked
-    LM head: that head's torch fallback (Triton is GPU-only) makes a dozen fp32 passes over every logits tile and
-    costs ~3x more, and it also computes the entropy and token accuracy metrics that nothing here reads."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.args.device.type != "cpu":
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        from transformers import Trainer
-
-        return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
-
-
-# ---------------------------------------------------------------- crash-safe checkpoints
-
-def _fsync_tree(folder: Path) -> None:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fingerprint(*parts, files: tuple[Path, ...] = ()) -> str:
-    """What a checkpoint was trained from: settings and input file hashes. Only a matching one is resumed."""
-    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    for f in files:
-        h.update(data.sha256(f).encode())
-    return h.hexdigest()[:16]
-
-
-def complete_checkpoints(output_dir: Path, fingerprint: str | None = None) -> list[Path]:
-    """Checkpoints marked complete (for `fingerprint`, if given), oldest first; partial ones are ignored."""
-    found = []
-    for p in output_dir.glob("checkpoint-*"):
-        marker = p / COMPLETE
-        if p.name[11:].isdigit() and marker.is_file() and (
-                fingerprint is None or json.loads(marker.read_text()).get("fingerprint") == fingerprint):
-            found.append(p)
-    return sorted(found, key=lambda p: int(p.name[11:]))
-
-
-class CrashSafeMixin:
-    """Checkpoints are written into a staging folder, fsynced, marked complete and renamed into place;
-    rotation deletes the oldest complete checkpoints beyond `save_total_limit` (never the newest) and any
-    partial ones. `fingerprint` (what the run was trained from, see `fingerprint()`) is recorded in each marker."""
-
-    def __init__(self, *args, fingerprint: str = "", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fingerprint = fingerprint
-
-    def _save_checkpoint(self, model, trial):
-        final_root = Path(self.args.output_dir)
-        staging_root = final_root / ".staging"
-        if self.args.should_save:
-            shutil.rmtree(staging_root, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self.args.output_dir = str(staging_root)
-        try:
-            super()._save_checkpoint(model, trial)  # every rank writes its part (e.g. its RNG state)
-        finally:
-            self.args.output_dir = str(final_root)
-        self.accelerator.wait_for_everyone()
-        if not self.args.should_save:
-            return
-        name = f"checkpoint-{self.state.global_step}"
-        staged, final = staging_root / name, final_root / name
-        (staged / COMPLETE).write_text(json.dumps({"step": self.state.global_step, "time": time.time(),
-                                                   "fingerprint": self.fingerprint}))
-        _fsync_tree(staged)
-        if final.exists():
-            shutil.rmtree(final)
-        staged.rename(final)
-        shutil.rmtree(staging_root, ignore_errors=True)
-        _fsync_tree(final_root)
-        done = complete_checkpoints(final_root)
-        for old in done[:-self.args.save_total_limit] if self.args.save_total_limit else []:
-            shutil.rmtree(old)
-        for partial in final_root.glob("checkpoint-*"):
-            if partial.is_dir() and not (partial / COMPLETE).exists():
-                shutil.rmtree(partial)
-
-
-def fit(trainer, output_dir: Path):
-    """Train, resuming from the newest complete checkpoint made from the same inputs and settings.
-
-    Checkpoints of other settings are removed. A fresh start clears `metrics.jsonl` and first evaluates the
-    untrained model (the step-0 baseline); a resume keeps the metrics up to its step; the last step is always
-    evaluated. Returns (train output, the checkpoint resumed from or None).
-    """
-    ours = complete_checkpoints(output_dir, trainer.fingerprint)
-    resume = ours[-1] if ours else None
-    if trainer.args.should_save:  # the main process tidies up; the others wait for it
-        for stale in set(output_dir.glob("checkpoint-*")) - set(ours):
-            shutil.rmtree(stale)
-        metrics = next(cb.path for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsCallback))
-        step = int(resume.name[11:]) if resume else -1
-        kept = [r for r in read_metrics(metrics) if r["step"] <= step]
-        metrics.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    trainer.accelerator.wait_for_everyone()
-    if resume is None and trainer.eval_dataset is not None:
-        trainer.evaluate()
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    last_eval = max((h["step"] for h in trainer.state.log_history if "eval_loss" in h), default=-1)  # same on all ranks
-    if trainer.eval_dataset is not None and last_eval != trainer.state.global_step:
-        trainer.evaluate()  # the final validation point, unless the schedule already logged it
-    return output, str(resume) if resume else None
-
-
-def eval_losses(records: list[dict], key: str = "eval_loss") -> list[float]:
-    """The validation metric over a stage's metrics lines, the step-0 baseline first (one value per step)."""
-    by_step = {r["step"]: r[key] for r in records if key in r}
-    return [by_step[k] for k in sorted(by_step)]
-
-
-def save_adapter(trainer, tokenizer, target: Path) -> Path:
-    """Save the trained adapter and tokenizer atomically into `target`."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp, selected_adapters=["default"])  # not DPO's frozen "ref" copy
-    tokenizer.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    return target
-
-
-# ---------------------------------------------------------------- the SFT stage
-
-def training_args(c: config_mod.Train, output_dir: Path, seed: int, precision: str) -> dict:
-    """TrainingArguments both trainers share, from a params section."""
-    import torch
-
-    return dict(use_cpu=not torch.cuda.is_available(),
-        output_dir=str(output_dir), per_device_train_batch_size=c.per_device_batch_size,
-        per_device_eval_batch_size=c.per_device_batch_size, gradient_accumulation_steps=c.gradient_accumulation_steps,
-        learning_rate=c.learning_rate, lr_scheduler_type=c.lr_scheduler, warmup_steps=c.warmup_ratio,
-        weight_decay=c.weight_decay, optim="adamw_torch", num_train_epochs=c.num_epochs, max_steps=c.max_steps,
-        logging_steps=c.logging_steps, save_strategy="steps", save_steps=c.save_steps,
-        save_total_limit=c.save_total_limit, bf16=precision == "bf16", fp16=precision == "fp16",
-        gradient_checkpointing=c.gradient_checkpointing, seed=seed, data_seed=seed,
-        report_to="none", include_num_input_tokens_seen=True, dataloader_num_workers=0, disable_tqdm=True,
-    )
-
-
-def callbacks(stage: Path) -> list:
-    """Monitoring for a stage folder: metrics.jsonl, TensorBoard logs in `tensorboard/`, and the signal handler."""
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
-
-    return [MetricsCallback(stage / "metrics.jsonl"), TensorBoardCallback(SummaryWriter(str(stage / "tensorboard"))),
-            StopOnSignal()]
-
-
-@dataclass
-class Prepared:
-    """Everything a stage's trainer is built from but the TRL/PEFT config objects themselves: the model, the
-    tokenizer, the checked datasets, the keyword arguments of `LoraConfig` (`lora`, None when the model already holds
-    its adapter) and of `SFTConfig`/`DPOConfig` (`args`), the monitoring callbacks and the checkpoint fingerprint.
-    `info` is what the notebook shows and the metrics file records."""
-
-    model: Any
-    tokenizer: Any
-    train_dataset: Any
-    eval_dataset: Any
-    args: dict
-    callbacks: list
-    fingerprint: str
-    info: dict
-    lora: dict | None = None
-
-
-class CrashSafeSFTTrainer(CrashSafeMixin, PlainLossMixin, FastStepMixin, SFTTrainer):
+class CrashSafeSFTTrainer(training.CrashSafeMixin, training.PlainLossMixin, training.FastStepMixin, SFTTrainer):
     """TRL's `SFTTrainer` with crash-safe checkpoints (`CrashSafeMixin`, which takes `fingerprint=`), transformers'
     plain causal-LM loss on a CPU (`PlainLossMixin`) and bf16 activations fed to LoRA as they come (`FastStepMixin`)."""
 
 
-def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> Prepared:
+def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> training.Prepared:
     """What 02's trainer is built from: the curated splits checked and fitted to `sft.max_seq_length`, the base model
     (+ `sft.init_adapter`) at the resolved precision with its LoRA targets checked, the `LoraConfig` and `SFTConfig`
     keyword arguments from the params, callbacks and fingerprint. Bad input raises here, before any training."""
@@ -383,28 +50,31 @@ def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> Prepared:
     train_rows = data.load_split(data_dir / "sft.jsonl", "sft")
     val_rows = data.load_split(data_dir / "sft_val.jsonl", "sft")
     if s.init_adapter and not (Path(s.init_adapter) / "adapter_config.json").is_file():
-        raise TrainingDataError(f"sft.init_adapter: {s.init_adapter} is not an adapter folder "
-                                "(no adapter_config.json)")
-    precision = resolve_precision(s.precision)
-    model, tokenizer = load_base(cfg.run.base_model, s.load_in_8bit, precision)
-    check_target_modules(model, s.lora.target_modules)
+        raise training.TrainingDataError(f"sft.init_adapter: {s.init_adapter} is not an adapter folder "
+                                         "(no adapter_config.json)")
+    device = training.training_device(cfg.run.device)
+    choice = training.choose_precision(s.precision, device)
+    precision = choice["precision"]
+    model, tokenizer = training.load_base(cfg.run.base_model, s.load_in_8bit, precision, device)
+    training.check_target_modules(model, s.lora.target_modules)
     style = cfg.data.prompt_format
     train_rows, over_train = fit_to_length(train_rows, tokenizer, style, s.max_seq_length, s.overlong)
     val_rows, over_val = fit_to_length(val_rows, tokenizer, style, s.max_seq_length, s.overlong)
     if not train_rows:
-        raise TrainingDataError(f"no training rows fit max_seq_length={s.max_seq_length}")
+        raise training.TrainingDataError(f"no training rows fit max_seq_length={s.max_seq_length}")
     if s.init_adapter:
         model = PeftModel.from_pretrained(model, s.init_adapter, is_trainable=True)
-    args = training_args(s, stage / "checkpoints", cfg.run.seed, precision) | dict(
+    args = training.training_args(s, stage / "checkpoints", cfg.run.seed, precision, device) | dict(
         max_length=s.max_seq_length, packing=s.packing, completion_only_loss=s.completion_only_loss,
         eval_strategy="steps" if val_rows else "no", eval_steps=s.eval_steps)
-    return Prepared(
+    return training.Prepared(
         model=model, tokenizer=tokenizer, train_dataset=Dataset.from_list(sft_records(train_rows, style)),
         eval_dataset=Dataset.from_list(sft_records(val_rows, style)) if val_rows else None,
-        lora=None if s.init_adapter else lora_kwargs(s.lora), args=args, callbacks=callbacks(stage),
-        fingerprint=fingerprint(s.model_dump(), cfg.run.base_model, cfg.run.seed, cfg.data.prompt_format,
-                                files=(data_dir / "sft.jsonl", data_dir / "sft_val.jsonl")),
-        info={"train_rows": len(train_rows), "validation_rows": len(val_rows), "precision": precision,
+        lora=None if s.init_adapter else training.lora_kwargs(s.lora), args=args, callbacks=training.callbacks(stage),
+        fingerprint=training.fingerprint(s.model_dump(), cfg.run.base_model, cfg.run.seed, cfg.data.prompt_format,
+                                         files=(data_dir / "sft.jsonl", data_dir / "sft_val.jsonl")),
+        info={"train_rows": len(train_rows), "validation_rows": len(val_rows),
+              "device": device, "precision": precision, "precision_choice": choice,
               "overlong": {"policy": s.overlong, "train": over_train, "validation": over_val},
               "init_adapter": s.init_adapter})
 
@@ -423,61 +93,5 @@ def build_trainer(cfg: config_mod.Config, paths: pipeline.RunPaths):
     return trainer, run.info
 
 
-def launch(cfg: config_mod.Config, paths: pipeline.RunPaths, module: str = "aletheia_utils.sft") -> list[dict]:
-    """Run a training module under `accelerate launch` with `sft.accelerate_config` (DDP on CPU cores, or
-    DeepSpeed/FSDP on GPUs); return each rank's report. A failure raises with the end of its stderr."""
-    import subprocess
-    import sys
-
-    config_mod.save(cfg, paths.params)  # the workers read the run's resolved settings
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg.sft.accelerate_config,
-           "-m", module, "--params", str(paths.params), "--run-dir", str(paths.root)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')]
-    if proc.returncode != 0:
-        raise RuntimeError(f"accelerate launch failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return reports
-
-
-def train(trainer, cfg: config_mod.Config, paths: pipeline.RunPaths, stage: str = "02_sft") -> dict:
-    """Fit in this process, or with `sft.launcher: accelerate` as several processes whose saved adapter is
-    then loaded into `trainer.model`. Returns steps, train loss, resume point, runtime and process count."""
-    if cfg.sft.launcher == "python":
-        output, resumed = fit(trainer, paths.stage(stage) / "checkpoints")
-        return {"steps": trainer.state.global_step, "train_loss": output.training_loss, "resumed_from": resumed,
-                "train_runtime_s": output.metrics.get("train_runtime"), "processes": 1}
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    module = {"02_sft": "aletheia_utils.sft", "03_dpo": "aletheia_utils.dpo"}[stage]
-    started = time.perf_counter()
-    reports = launch(cfg, paths, module)
-    main_report = next(r for r in reports if r["rank"] == 0)
-    set_peft_model_state_dict(trainer.model, load_file(paths.stage(stage) / "adapter" / "adapter_model.safetensors"))
-    return {"steps": main_report["global_step"], "train_loss": main_report["train_loss"],
-            "resumed_from": main_report["resumed_from"], "train_runtime_s": time.perf_counter() - started,
-            "processes": len(reports)}
-
-
-def run_main(argv: list[str] | None, build, stage: str) -> int:
-    """Shared entry point of `python -m aletheia_utils.sft|dpo`: build, fit (resuming), save the adapter
-    unless a signal stopped training, and print one JSON report per rank."""
-    parser = argparse.ArgumentParser(description=f"Train {stage} for a run folder outside the notebook.")
-    parser.add_argument("--params", required=True)
-    parser.add_argument("--run-dir", required=True)
-    args = parser.parse_args(argv)
-    cfg = config_mod.load(args.params)
-    paths = pipeline.RunPaths.for_run(cfg, args.run_dir)
-    trainer, _ = build(cfg, paths)
-    output, resumed = fit(trainer, paths.stage(stage) / "checkpoints")
-    stopped = next(cb.received for cb in trainer.callback_handler.callbacks if isinstance(cb, StopOnSignal))
-    if not stopped and trainer.args.should_save:
-        save_adapter(trainer, trainer.processing_class, paths.stage(stage) / "adapter")
-    print(json.dumps({"rank": trainer.args.process_index, "world_size": trainer.args.world_size,
-                      "global_step": trainer.state.global_step, "resumed_from": resumed, "stopped_by": stopped,
-                      "train_loss": output.training_loss}), flush=True)
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(run_main(None, build_trainer, "02_sft"))
+    raise SystemExit(training.run_main(None, build_trainer, "02_sft"))

@@ -34,12 +34,19 @@ def machine() -> dict:
 
 
 def source_run(path: str | None) -> Path:
-    """The finished run whose curated data (and adapters) a benchmark reuses; a clear error if it is missing."""
-    run = Path(path) if path else DEFAULT_RUN
+    """The finished run whose curated data (and adapters) a benchmark reuses, as an absolute path (a scratch run's
+    links to it must not dangle); a clear error if it is missing."""
+    run = (Path(path) if path else DEFAULT_RUN).resolve()
     if not (run / "01_curate" / "sft.jsonl").is_file():
         raise SystemExit(f"{run}: no 01_curate/sft.jsonl; run `aletheia run --params params/default.yaml "
                          f"--run-name default-check --to 03_dpo` first or pass --run-dir")
     return run
+
+
+def relative(path: str | os.PathLike) -> str:
+    """A path as a results file records it: relative to the project (`runs/default-check`, `../` when outside it),
+    never the absolute path of the machine that ran the benchmark."""
+    return os.path.relpath(Path(path).resolve(), ROOT)
 
 
 @contextmanager

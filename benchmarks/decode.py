@@ -75,7 +75,8 @@ def main() -> None:
     for name, v in variants.items():
         v["speedup_vs_transformers_fp32"] = v["tokens_per_s"] / base
         print(name, {k: round(x, 2) for k, x in v.items()}, flush=True)
-    common.write("decode", {"machine": machine, "gguf": str(gguf), "gguf_kind": gguf_kind, "merged_model": str(merged),
+    common.write("decode", {"machine": machine, "gguf": common.relative(gguf), "gguf_kind": gguf_kind,
+                            "merged_model": common.relative(merged),
                             "prompts": len(prompts), "max_tokens": args.max_tokens, "variants": variants},
                  {k: v["tokens_per_s"] for k, v in variants.items()}, "single-stream decode tokens/s")
 

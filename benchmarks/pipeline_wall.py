@@ -59,7 +59,8 @@ def main() -> None:
         raise SystemExit(f"{run}: not every stage is complete: {stages}")
     total = sum(stages.values())
     print({"stages_s": stages, "total_min": round(total / 60, 1)})
-    common.write("pipeline_wall", {"machine": machine, "run": str(run), "params": manifest.get("params"),
+    common.write("pipeline_wall", {"machine": machine, "run": common.relative(run),
+                                   "params": manifest.get("params") and common.relative(manifest["params"]),
                                    "stages_s": stages, "total_s": total, "target_s": 35 * 60,
                                    "results": headline(run)}, {}, "", figure=figure(stages))
 

@@ -63,7 +63,8 @@ def main() -> None:
             "stock_p95_s": round(a["latency_p95_s"], 2), "project_p95_s": round(b["latency_p95_s"], 2),
             "errors": [a["error_rate"], b["error_rate"]]}
     print(summary)
-    common.write("serving", {"machine": machine, "gguf": str(gguf), "gguf_kind": gguf_kind, "threads": args.threads,
+    common.write("serving", {"machine": machine, "gguf": common.relative(gguf), "gguf_kind": gguf_kind,
+                             "threads": args.threads,
                              "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
                              "summary": summary, "results": rows},
                  {}, "", figure=au.plots.throughput_vs_concurrency(rows))

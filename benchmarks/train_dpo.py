@@ -29,7 +29,7 @@ def stock_trainer(cfg, source, rows, val_rows):
 
     d = cfg.dpo
     micro, accumulation = common.stock_batches(d.per_device_batch_size, d.gradient_accumulation_steps)
-    model, tok = au.sft.load_base(cfg.run.base_model)
+    model, tok = au.training.load_base(cfg.run.base_model)
     model = PeftModel.from_pretrained(model, str(source / "02_sft" / "adapter"), is_trainable=True)
     args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="stock-dpo-"), use_cpu=True, report_to="none",
                      per_device_train_batch_size=micro, per_device_eval_batch_size=micro,
@@ -90,7 +90,7 @@ def main() -> None:
     cfg = au.config.load(common.ROOT / "params" / "default.yaml", {
         "dpo.max_steps": -1, "dpo.num_epochs": 1, "dpo.logging_steps": 1, "dpo.eval_steps": 10**6,
         "dpo.save_steps": 10**6})
-    _, tok = au.sft.load_base(cfg.run.base_model)
+    _, tok = au.training.load_base(cfg.run.base_model)
     fit = lambda name, n: au.dpo.fit_pairs(au.data.load_split(source / "01_curate" / name, "dpo"), tok,  # noqa: E731
                                           cfg.dpo.max_seq_length, cfg.dpo.overlong)[0][:n]
     rows, val_rows = fit("dpo.jsonl", args.pairs), fit("dpo_val.jsonl", args.val_pairs)
@@ -117,8 +117,8 @@ def main() -> None:
                   "stage_speedup": round(r["stage_speedup_vs_" + base["variant"]], 2),
                   "cpu_time_speedup": round(r["cpu_speedup_vs_" + base["variant"]], 2)} for r in results}
     print(summary)
-    common.write("train_dpo", {"machine": machine, "source_run": str(source), "summary": summary, "variants": results,
-                             "profile_project": profiled},
+    common.write("train_dpo", {"machine": machine, "source_run": common.relative(source), "summary": summary,
+                               "variants": results, "profile_project": profiled},
                  {r["variant"]: r["pairs_per_s"] for r in results}, "DPO pairs/s (higher is better)")
 
 

@@ -31,7 +31,7 @@ def stock_trainer(cfg, rows, bf16: bool | None):
     s = cfg.sft
     micro, accumulation = common.stock_batches(s.per_device_batch_size, s.gradient_accumulation_steps)
     torch.manual_seed(cfg.run.seed)  # as before the project's build: the same LoRA initialisation
-    model, tok = au.sft.load_base(cfg.run.base_model)
+    model, tok = au.training.load_base(cfg.run.base_model)
     args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="stock-sft-"), use_cpu=True, bf16=bf16, report_to="none",
                      per_device_train_batch_size=micro, per_device_eval_batch_size=micro,
                      gradient_accumulation_steps=accumulation, learning_rate=s.learning_rate,
@@ -41,7 +41,7 @@ def stock_trainer(cfg, rows, bf16: bool | None):
                      completion_only_loss=s.completion_only_loss, include_num_input_tokens_seen=True)
     data = Dataset.from_list(au.sft.sft_records(rows, "chat_template"))
     return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                      peft_config=LoraConfig(**au.sft.lora_kwargs(s.lora)))
+                      peft_config=LoraConfig(**au.training.lora_kwargs(s.lora)))
 
 
 def project_trainer(cfg, run_root):
@@ -96,7 +96,7 @@ def main() -> None:
     cfg = au.config.load(common.ROOT / "params" / "default.yaml", {"sft.max_steps": args.steps, "sft.logging_steps": 1})
     from datasets import Dataset
 
-    _, tok = au.sft.load_base(cfg.run.base_model)
+    _, tok = au.training.load_base(cfg.run.base_model)
     rows, _ = au.sft.fit_to_length(au.data.load_split(source / "01_curate" / "sft.jsonl", "sft"), tok, "chat_template",
                                    cfg.sft.max_seq_length, cfg.sft.overlong)
     val_rows, _ = au.sft.fit_to_length(au.data.load_split(source / "01_curate" / "sft_val.jsonl", "sft"), tok,
@@ -127,7 +127,7 @@ def main() -> None:
                               "train_loss": round(r["train_loss"], 4), "val_loss": round(r["val_loss"], 4)}
                for r in rows_out}
     print(summary)
-    common.write("train_sft", {"machine": machine, "source_run": str(source), "steps": args.steps,
+    common.write("train_sft", {"machine": machine, "source_run": common.relative(source), "steps": args.steps,
                                "tokens_per_step": rows_out[0]["tokens"] / args.steps, "summary": summary,
                                "variants": rows_out, "profile_project": profiled},
                  {r["variant"]: r["tokens_per_s"] for r in rows_out}, "SFT tokens/s (higher is better)")

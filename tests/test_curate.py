@@ -71,6 +71,10 @@ def test_validate_data_command_exit_codes(tmp_path):
     assert ok.returncode == 0 and "1 valid sft row(s), 0 problem(s)" in ok.stdout
     no = subprocess.run([*run, str(bad), "--kind", "sft"], capture_output=True, text=True)
     assert no.returncode == 2 and no.stderr.strip() == f"{bad}:1: response: empty or whitespace-only"
+    (empty := tmp_path / "empty.jsonl").write_text("\n  \n")
+    none = subprocess.run([*run, str(empty), "--kind", "sft"], capture_output=True, text=True)
+    assert none.returncode == 2 and none.stderr.strip() == f"{empty}: empty: no sft rows (blank lines only or no lines)"
+    assert none.stdout.strip() == f"{empty}: 0 valid sft row(s), 1 problem(s)"
 
 
 def test_shipped_raw_corpus_is_valid_and_large_enough():
@@ -174,6 +178,7 @@ def test_funnel_table():
     assert f.rows_out == 5 and f.table()[-1] == {"step": "near_duplicate", "removed": 2, "remaining": 5}
 
 
+@pytest.mark.slow
 def test_base_model_rejections_are_greedy_answers_from_llama_server_slots():
     rows = [{**GOOD, "id": f"t-{i}", "question": q} for i, q in enumerate(
         ["What is a mutex?", "What does fsync do?", "What is a TCP handshake?"])]

@@ -10,6 +10,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from lm_eval.api.model import LM
 from transformers import AutoTokenizer
 
 import aletheia_utils as au
@@ -123,6 +124,7 @@ def test_humaneval_scorer_runs_the_packages_sandbox():
     assert utils.humaneval_results(problem, ["    return None\n"]) == {"pass@1": 0.0}
 
 
+@pytest.mark.slow
 def test_every_shipped_task_on_the_embedded_model(task_data, base_dir, tmp_path):
     out, _ = task_data
     lm = ev.hf_lm(base_dir, batch_size=4)
@@ -132,10 +134,11 @@ def test_every_shipped_task_on_the_embedded_model(task_data, base_dir, tmp_path)
     assert set(summary) == set(ev.OWN_TASKS) and all("metrics" in s for s in summary.values()), summary
     saved = json.loads((tmp_path / "base.json").read_text())
     assert set(saved["results"]) == set(ev.OWN_TASKS) and saved["skipped"] == {}
-    for task in ("aletheia_mc", "aletheia_pref"):
-        assert 0 <= saved["results"][task]["acc,none"] <= 1 and "acc_norm,none" in saved["results"][task]
+    for task, name in (("aletheia_mc", "mc.jsonl"), ("aletheia_pref", "pref.jsonl")):  # acc as the model ranks them
+        docs = [json.loads(line) for line in (out / name).read_text().splitlines()[:2]]
+        assert saved["results"][task]["acc,none"] == pytest.approx(_expected_acc(lm, docs)), task
     assert saved["results"]["aletheia_ppl"]["word_perplexity,none"] > 1
-    assert summary["aletheia_humaneval"]["metrics"]["pass@1"] in (0.0, 0.5, 1.0)
+    assert set(summary["aletheia_humaneval"]["metrics"]) >= {"pass@1"}  # its scoring: test_scores_follow_the_answers
     assert all(s["samples"]["effective"] == 2 for s in summary.values())
     # a task whose data is gone fails alone, with the reason, and no score
     failed = ev.run_tasks(lm, ["aletheia_mc"], _tm(missing), limit=1, max_gen_toks=8, out=tmp_path / "x.json")
@@ -143,11 +146,61 @@ def test_every_shipped_task_on_the_embedded_model(task_data, base_dir, tmp_path)
     assert "aletheia_mc" not in json.loads((tmp_path / "x.json").read_text())["results"]
 
 
+def _expected_acc(lm, docs) -> float:
+    """The share of `docs` whose labelled choice gets the highest log-likelihood from `lm` after the context."""
+    from lm_eval.api.instance import Instance
+
+    right = 0
+    for doc in docs:
+        requests = [Instance("loglikelihood", doc, (doc["context"], c), i) for i, c in enumerate(doc["choices"])]
+        scores = [ll for ll, _ in lm.loglikelihood(requests)]
+        right += scores.index(max(scores)) == doc["label"]
+    return right / len(docs)
+
+
+class ScriptedLM(LM):
+    """An lm-eval model that answers from the answer key: the labelled choice gets the highest log-likelihood and each
+    HumanEval prompt its canonical solution (`right`), or every other choice and a wrong body (not `right`)."""
+
+    def __init__(self, right: bool, key: set[tuple[str, str]], solutions: dict[str, str]):
+        super().__init__()
+        self.right, self.key, self.solutions = right, key, solutions
+
+    def loglikelihood(self, requests):
+        return [(0.0 if (r.args in self.key) == self.right else -10.0, False) for r in requests]
+
+    def loglikelihood_rolling(self, requests):
+        return [-float(len(r.args[0])) for r in requests]
+
+    def generate_until(self, requests):
+        return [self.solutions[r.args[0]] if self.right else "    return None\n" for r in requests]
+
+
+def test_scores_follow_the_answers(task_data, tmp_path):
+    """acc, acc_norm and pass@1 are 1 for a model that answers from the key and 0 for one that never does."""
+    out, _ = task_data
+    key = {(d["context"], d["choices"][d["label"]]) for name in ("mc.jsonl", "pref.jsonl")  # (context, right answer)
+           for d in map(json.loads, (out / name).read_text().splitlines())}
+    spec = importlib.util.spec_from_file_location("aletheia_task_utils", ev.TASKS_DIR / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    solutions = {p["prompt"]: p["canonical_solution"] for p in utils.load_humaneval()["test"]}
+    tasks = ["aletheia_mc", "aletheia_pref", "aletheia_humaneval"]
+    for right, expected in ((True, 1.0), (False, 0.0)):
+        summary = ev.run_tasks(ScriptedLM(right, key, solutions), tasks, _tm(out), limit=2, max_gen_toks=16,
+                               out=tmp_path / f"{right}.json", bootstrap_iters=10)
+        scores = {t: summary[t].get("metrics", summary[t]) for t in tasks}
+        assert {t: (m.get("acc"), m.get("acc_norm"), m.get("pass@1")) for t, m in scores.items()} == {
+            "aletheia_mc": (expected, expected, None), "aletheia_pref": (expected, expected, None),
+            "aletheia_humaneval": (None, None, expected)}, summary
+
+
 def test_missing_model_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'}: model path does not exist"):
         ev.hf_lm(tmp_path / "nope")
 
 
+@pytest.mark.slow
 def test_llama_server_backend_runs_generation_and_reports_loglikelihood(task_data, base_dir, tmp_path):
     try:
         au.llamacpp.server_binary()

@@ -18,6 +18,8 @@ import aletheia_utils as au
 from aletheia_utils import cli
 from aletheia_utils import gateway as gw
 
+pytestmark = pytest.mark.slow  # starts llama.cpp or model servers: not in `make test-fast`
+
 KEY, BURST_KEY, BACKEND_KEY = "gw-test-key", "gw-burst-key", "backend-key"
 CONTEXT, MAX_BODY = 256, 65536
 ECHO_PROMPT = "Contact: jane.doe@example.com\nContact: jane.doe@example.com\nContact:"

@@ -35,6 +35,7 @@ def test_hf_answers_count_a_cut_answer_as_not_ended(model_and_tokenizer):
     assert "<|im_end|>" not in full[1].text and tok.padding_side == side and not model.training
 
 
+@pytest.mark.slow
 def test_server_answers_count_a_cut_answer_as_not_ended(server):
     [cut] = au.generation.server_answers(server, PROMPTS, max_new_tokens=8, concurrency=2)
     assert (cut[0].ended, cut[0].tokens) == (False, 8) and cut[0].text

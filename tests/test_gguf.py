@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import aletheia_utils as au
 from aletheia_utils.gguf import GGUFError
 
+pytestmark = pytest.mark.slow  # runs llama.cpp's converter and quantizer: not in `make test-fast`
+
 ROWS = [{"prompt": "What does fsync do?",
          "response": "fsync asks the kernel to flush a file's dirty pages and metadata to stable storage."},
         {"prompt": "Why use a mutex?", "response": "A mutex lets one thread at a time enter a critical section."}]

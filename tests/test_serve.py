@@ -14,6 +14,8 @@ import pytest
 import aletheia_utils as au
 from aletheia_utils.serve import ServerError
 
+pytestmark = pytest.mark.slow  # starts llama.cpp or model servers: not in `make test-fast`
+
 KEY = "test-key-123"
 
 

@@ -8,6 +8,8 @@ import pytest
 import aletheia_utils as au
 from aletheia_utils.serve import ServerError
 
+pytestmark = pytest.mark.slow  # starts llama.cpp or model servers: not in `make test-fast`
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

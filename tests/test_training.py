@@ -1,5 +1,6 @@
 """02_sft / 03_dpo: bad input stops before training; crash safety (SIGTERM, SIGKILL, resume); 8-bit loading."""
 
+import errno
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aletheia_utils import config, data, dpo, pipeline, sft
+from aletheia_utils import config, data, dpo, pipeline, sft, training
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -54,11 +55,11 @@ def build(params: Path, run_dir: Path, builder=sft.build_trainer):
     (lambda d: (d / "sft_val.jsonl").write_text(""), {}, data.SplitError, "sft_val.jsonl: split is empty"),
     (lambda d: (d / "sft.jsonl").write_text('{"prompt": "p"}\n'), {}, data.SplitError,
      "sft.jsonl:1: response: missing"),
-    (lambda d: None, {"sft.lora.target_modules": ["q_proj", "qkv_proj"]}, sft.TrainingDataError,
+    (lambda d: None, {"sft.lora.target_modules": ["q_proj", "qkv_proj"]}, training.TrainingDataError,
      "sft.lora.target_modules: the model has no module named qkv_proj; its linear layers are"),
-    (lambda d: None, {"sft.init_adapter": "/nonexistent/adapter"}, sft.TrainingDataError,
+    (lambda d: None, {"sft.init_adapter": "/nonexistent/adapter"}, training.TrainingDataError,
      "sft.init_adapter: /nonexistent/adapter is not an adapter folder"),
-    (lambda d: None, {"sft.overlong": "fail", "sft.max_seq_length": 64}, sft.TrainingDataError,
+    (lambda d: None, {"sft.overlong": "fail", "sft.max_seq_length": 64}, training.TrainingDataError,
      "example(s) are longer than max_seq_length=64 tokens"),
 ])
 def test_bad_sft_input_stops_before_training(tmp_path, setup, overrides, error, message):
@@ -74,6 +75,55 @@ def test_overlong_rows_are_counted_and_dropped(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.max_seq_length": 330})
     trainer, info = build(params, run_dir)
     assert info["overlong"]["train"] > 0 and info["train_rows"] == 24 - info["overlong"]["train"]
+    choice = info["precision_choice"]  # smoke params: run.device cpu, precision auto -> measured, recorded
+    assert info["device"] == "cpu" and trainer.args.use_cpu and choice["by"] == "measured"
+    assert choice["precision"] == info["precision"] == ("bf16" if trainer.args.bf16 else "fp32")
+    assert choice["precision"] == training.faster_precision(choice["bf16_gflops"], choice["fp32_gflops"])
+
+
+def _never():
+    raise AssertionError("measured although the choice did not need it")
+
+
+@pytest.mark.parametrize("bf16, fp32, chosen", [
+    (160.0, 330.0, "fp32"),  # AVX512-BF16 without AMX: bf16 at half fp32's speed
+    (1900.0, 330.0, "bf16"),  # AMX: bf16 several times fp32
+    (340.0, 330.0, "fp32"),  # a near tie keeps fp32's precision (and does not flip between runs on noise)
+    (370.0, 330.0, "bf16"),
+])
+def test_auto_precision_takes_the_faster_measured_matmul(bf16, fp32, chosen):
+    figures = {"bf16_gflops": bf16, "fp32_gflops": fp32}
+    assert training.choose_precision("auto", "cpu", lambda: figures) == {"precision": chosen, "by": "measured",
+                                                                         **figures}
+
+
+def test_precision_set_in_the_params_or_on_a_gpu_is_not_measured(monkeypatch):
+    assert training.choose_precision("fp32", "cpu", _never) == {"precision": "fp32", "by": "params"}
+    assert training.choose_precision("bf16", "cuda", _never) == {"precision": "bf16", "by": "params"}
+    import torch
+
+    for supported, chosen in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
+        assert training.choose_precision("auto", "cuda", _never) == {"precision": chosen, "by": "GPU support"}
+
+
+def test_the_matmul_measurement_is_cheap():
+    started = time.perf_counter()
+    figures = training.measure_gemm.__wrapped__()
+    assert time.perf_counter() - started < 1.0 and set(figures) == {"bf16_gflops", "fp32_gflops"}
+    assert all(v > 0 for v in figures.values())
+
+
+def test_run_device_decides_where_training_runs():
+    import torch
+
+    assert training.training_device("cpu") == "cpu"
+    assert training.training_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    tree = yaml.safe_load(SMOKE.read_text())
+    assert training.training_args(config.SFT(**tree["sft"]), Path("x"), 0, "fp32", "cpu")["use_cpu"] is True
+    if not torch.cuda.is_available():
+        with pytest.raises(training.TrainingDataError, match="run.device: cuda, but torch sees no CUDA device"):
+            training.training_device("cuda")
 
 
 def test_dpo_needs_the_sft_adapter(tmp_path):
@@ -81,15 +131,16 @@ def test_dpo_needs_the_sft_adapter(tmp_path):
     pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "It depends."} for r in corpus_rows(4)]
     for name in ("dpo.jsonl", "dpo_val.jsonl"):
         data.write_jsonl(run_dir / "01_curate" / name, pairs)
-    with pytest.raises(sft.TrainingDataError, match="no SFT adapter"):
+    with pytest.raises(training.TrainingDataError, match="no SFT adapter"):
         build(params, run_dir, dpo.build_trainer)
 
 
+@pytest.mark.slow
 def test_dpo_sft_weight_adds_the_chosen_answers_nll(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.max_steps": 1}, n_train=4)
     trainer, _ = build(params, run_dir)
-    sft.fit(trainer, run_dir / "02_sft" / "checkpoints")
-    sft.save_adapter(trainer, trainer.processing_class, run_dir / "02_sft" / "adapter")
+    training.fit(trainer, run_dir / "02_sft" / "checkpoints")
+    training.save_adapter(trainer, trainer.processing_class, run_dir / "02_sft" / "adapter")
     pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "It depends."} for r in corpus_rows(3)]
     for name in ("dpo.jsonl", "dpo_val.jsonl"):
         data.write_jsonl(run_dir / "01_curate" / name, pairs)
@@ -103,12 +154,13 @@ def test_dpo_sft_weight_adds_the_chosen_answers_nll(tmp_path):
     assert losses[1.0] - losses[0.0] > 1.0, losses  # + the chosen answers' per-token NLL (a few nats)
 
 
+@pytest.mark.slow
 def test_lora_trains_on_an_8bit_base(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.load_in_8bit": True, "sft.max_steps": 1, "sft.precision": "fp32"},
                                n_train=4)
     trainer, _ = build(params, run_dir)
     assert any("Linear8bitLt" in type(m).__name__ for m in trainer.model.modules())
-    output, _ = sft.fit(trainer, run_dir / "02_sft" / "checkpoints")
+    output, _ = training.fit(trainer, run_dir / "02_sft" / "checkpoints")
     assert trainer.state.global_step == 1 and output.training_loss > 0
 
 
@@ -121,7 +173,7 @@ def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: fl
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read()
-        if any(r.get("step", -1) >= step and "loss" in r for r in sft.read_metrics(metrics)):
+        if any(r.get("step", -1) >= step and "loss" in r for r in training.read_metrics(metrics)):
             return
         time.sleep(0.2)
     proc.kill()
@@ -141,16 +193,16 @@ def test_sigterm_saves_sigkill_resumes_and_the_newest_checkpoint_survives(tmp_pa
     assert first.returncode == 0, err
     report = json.loads(out.strip().splitlines()[-1])
     assert report["stopped_by"] == "SIGTERM" and report["global_step"] < 8
-    assert [p.name for p in sft.complete_checkpoints(ckpts)] == [f"checkpoint-{report['global_step']}"]
+    assert [p.name for p in training.complete_checkpoints(ckpts)] == [f"checkpoint-{report['global_step']}"]
     assert not (run_dir / "02_sft" / "adapter").exists()
 
     (ckpts / "checkpoint-99").mkdir()  # a partial checkpoint (no marker) must be ignored
     second = _start(params, run_dir)  # SIGKILL mid-run: nothing gets to clean up
     _wait_for_step(second, metrics, report["global_step"] + 2)
-    newest_before_kill = sft.complete_checkpoints(ckpts)[-1]
+    newest_before_kill = training.complete_checkpoints(ckpts)[-1]
     os.kill(second.pid, signal.SIGKILL)
     second.wait(timeout=60)
-    done = sft.complete_checkpoints(ckpts)
+    done = training.complete_checkpoints(ckpts)
     assert done and done[-1] >= newest_before_kill and len(done) == 1, "save_total_limit kept the newest"
 
     third = _start(params, run_dir)
@@ -160,8 +212,40 @@ def test_sigterm_saves_sigkill_resumes_and_the_newest_checkpoint_survives(tmp_pa
     assert final["resumed_from"] == str(done[-1]) and final["global_step"] == 8 and final["stopped_by"] is None
     assert (run_dir / "02_sft" / "adapter" / "adapter_model.safetensors").is_file()
     assert not (ckpts / "checkpoint-99").exists() and not (ckpts / ".staging").exists()
-    steps = [r["step"] for r in sft.read_metrics(metrics) if "loss" in r and "train_loss" not in r]
+    steps = [r["step"] for r in training.read_metrics(metrics) if "loss" in r and "train_loss" not in r]
     assert steps == sorted(set(steps)) and steps[-1] == 8, "a resumed run continues the metrics, no repeats"
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_keeps_nothing_partial_and_the_next_run_resumes(tmp_path, monkeypatch):
+    import torch
+
+    params, run_dir = make_run(tmp_path, {"sft.max_steps": 2, "sft.save_steps": 1, "sft.eval_steps": 100,
+                                          "sft.logging_steps": 1}, n_train=4)
+    ckpts = run_dir / "02_sft" / "checkpoints"
+    save = torch.save
+
+    def disk_full_at_step_2(obj, f, *args, **kwargs):
+        if "checkpoint-2" in str(f):  # the file is cut short, as a full disk leaves it
+            Path(f).write_bytes(b"\x80\x02")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_step_2)
+    trainer, _ = build(params, run_dir)
+    with pytest.raises(training.CheckpointError) as err:
+        training.fit(trainer, ckpts)
+    assert str(err.value) == (f"{ckpts / 'checkpoint-2'}: the checkpoint could not be written (no space left on the "
+                              "device); nothing of it was kept, and the next run resumes from "
+                              f"{ckpts / 'checkpoint-1'}")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-1"], "no partial checkpoint-2, no staging"
+    assert [p.name for p in training.complete_checkpoints(ckpts)] == ["checkpoint-1"]
+
+    monkeypatch.setattr(torch, "save", save)  # space again
+    trainer, _ = build(params, run_dir)
+    _, resumed = training.fit(trainer, ckpts)
+    assert resumed == str(ckpts / "checkpoint-1") and trainer.state.global_step == 2
+    assert [p.name for p in training.complete_checkpoints(ckpts)] == ["checkpoint-1", "checkpoint-2"]
 
 
 @pytest.mark.slow
@@ -170,19 +254,20 @@ def test_accelerate_runs_sft_as_two_cpu_processes(tmp_path):
                                           "sft.save_steps": 100}, n_train=12)
     cfg = config.load(params)
     assert cfg.sft.accelerate_config == str(ROOT / "params" / "accelerate" / "ddp_cpu.yaml")
-    reports = sft.launch(cfg, pipeline.RunPaths.for_run(cfg, run_dir))
+    reports = training.run_accelerate(cfg, pipeline.RunPaths.for_run(cfg, run_dir), "02_sft")
     assert sorted(r["rank"] for r in reports) == [0, 1] and {r["world_size"] for r in reports} == {2}
     assert {r["global_step"] for r in reports} == {2}, "both ranks stepped together"
     adapters = [p for p in run_dir.rglob("adapter_model.safetensors") if "checkpoints" not in p.parts]
     assert adapters == [run_dir / "02_sft" / "adapter" / "adapter_model.safetensors"], "one adapter, saved once"
-    assert len(sft.complete_checkpoints(run_dir / "02_sft" / "checkpoints")) == 1
+    assert len(training.complete_checkpoints(run_dir / "02_sft" / "checkpoints")) == 1
 
 
+@pytest.mark.slow
 def test_init_adapter_continues_an_existing_adapter(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.max_steps": 1}, n_train=4)
     trainer, _ = build(params, run_dir)
-    sft.fit(trainer, run_dir / "02_sft" / "checkpoints")
-    first = sft.save_adapter(trainer, trainer.processing_class, tmp_path / "first_adapter")
+    training.fit(trainer, run_dir / "02_sft" / "checkpoints")
+    first = training.save_adapter(trainer, trainer.processing_class, tmp_path / "first_adapter")
     (tmp_path / "again").mkdir()
     params2, run_dir2 = make_run(tmp_path / "again", {"sft.max_steps": 1, "sft.init_adapter": str(first)}, n_train=4)
     trainer2, info = build(params2, run_dir2)
