@@ -15,7 +15,6 @@ from . import config as config_mod
 from . import data, pipeline, training
 
 # still called as `au.sft.*` by 08_evaluate and benchmarks/recipe.py, which are not this change's to edit
-from .training import resolve_precision, save_adapter  # noqa: F401
 
 
 def sft_records(rows: list[dict], style: str) -> list[dict]:

@@ -69,7 +69,7 @@ def train(stage: str, cfg, root) -> tuple:
     with common.Timer() as t:
         trainer.train()
     metrics = trainer.evaluate()
-    au.sft.save_adapter(trainer, trainer.processing_class, paths.stage(stage) / "adapter")
+    au.training.save_adapter(trainer, trainer.processing_class, paths.stage(stage) / "adapter")
     return trainer, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}, round(t.s, 1)
 
 
