@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException
 
 from . import config as config_mod
-from . import pii, serve
+from . import files, pii, serve
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -815,12 +815,7 @@ def run(cfg: GatewayConfig) -> None:
 
 
 def write_config(cfg: GatewayConfig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return files.write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def launch(cfg: GatewayConfig, keys: Sequence[str], *, config_path: str | os.PathLike | None = None,
