@@ -140,6 +140,10 @@ class PiiFilter:
     def __call__(self, text: str) -> list[Span]:
         return [(r.start, r.end, self._names.get(r.entity_type, "<REDACTED>")) for r in self._scrubber.find(text)]
 
+    def may_contain(self, text: str) -> bool:
+        """False only when `text` holds nothing to redact (a regex search, cheap enough for the event loop)."""
+        return self._scrubber.may_contain(text)
+
 
 def make_filter(spec: str) -> Callable[[str], list[Span]] | None:
     """`pii` (default), `none`, or `package.module:factory` whose result maps text to (start, end, replacement)."""
@@ -167,14 +171,25 @@ def redact(text: str, spans: Sequence[Span]) -> str:
 class StreamRedactor:
     """Redacts text that arrives in pieces. It holds back the last `holdback` characters (cut at whitespace, never
     inside a match) and searches with the last `holdback` characters already sent as left context, so a secret split
-    across chunks, or one recognized by what precedes it (`api_key = ...`), is still caught."""
+    across chunks, or one recognized by what precedes it (`api_key = ...`), is still caught. A filter with a
+    `may_contain(text)` test (the default `PiiFilter`) is not called on a window that test clears."""
 
     def __init__(self, find: Callable[[str], list[Span]], holdback: int = 32):
         self.find, self.holdback, self.sent, self.buffer, self.redactions = find, holdback, "", "", 0
+        self.may_contain = getattr(find, "may_contain", None)
+
+    def cheap(self, text: str, final: bool = False) -> bool:
+        """Whether `feed(text)` (and `flush()` if `final`) runs no filter call: the text stays held back, or the
+        filter's `may_contain` clears the window. Then it can run on the event loop; otherwise in a thread."""
+        if not final and len(self.buffer) + len(text) <= self.holdback:
+            return True
+        return self.may_contain is not None and not self.may_contain(self.sent + self.buffer + text)
 
     def _spans(self) -> list[Span]:
-        offset = len(self.sent)
-        return [(max(s - offset, 0), e - offset, r) for s, e, r in self.find(self.sent + self.buffer) if e > offset]
+        offset, window = len(self.sent), self.sent + self.buffer
+        if self.may_contain is not None and not self.may_contain(window):
+            return []
+        return [(max(s - offset, 0), e - offset, r) for s, e, r in self.find(window) if e > offset]
 
     def feed(self, text: str) -> str:
         self.buffer += text
@@ -642,16 +657,30 @@ class Gateway:
         raise ApiError(503, "no healthy backend", type_="server_error", code="no_healthy_backend",
                        headers={"Retry-After": str(math.ceil(self.cfg.cooldown_s))})
 
+    def _redactor(self, redactors: dict, choice: dict) -> StreamRedactor:
+        return redactors.setdefault(choice.get("index", 0),
+                                    StreamRedactor(self.output_filter, self.cfg.stream_holdback_chars))
+
     def _filter_choices(self, chunk: dict, field, redactors: dict, final: bool) -> None:
         for choice in chunk.get("choices") or []:
             text = _get_text(choice, field)
-            r = redactors.setdefault(choice.get("index", 0),
-                                     StreamRedactor(self.output_filter, self.cfg.stream_holdback_chars))
+            r = self._redactor(redactors, choice)
             out = r.feed(text) if isinstance(text, str) else ""
             if final or choice.get("finish_reason"):
                 out += r.flush()
             if isinstance(text, str) or out:
                 _set_text(choice, field, out)
+
+    async def filter_output(self, chunk: dict, field, redactors: dict, final: bool) -> None:
+        """Redact a chunk's (or a whole answer's) text in place. The filter may take milliseconds (Presidio), so it
+        runs in a worker thread, not on the event loop, where it would stall every other connection; text the
+        filter's cheap `may_contain` test clears (most prose), or that is only held back, skips the thread hop."""
+        if all(self._redactor(redactors, c).cheap(t if isinstance(t := _get_text(c, field), str) else "",
+                                                  final or bool(c.get("finish_reason")))
+               for c in chunk.get("choices") or []):
+            self._filter_choices(chunk, field, redactors, final)
+        else:
+            await asyncio.to_thread(self._filter_choices, chunk, field, redactors, final)
 
     async def complete(self, route: str, body: dict, gone: _Disconnect) -> JSONResponse:
         """A non-streamed answer: read whole (failing over while nothing has reached the client), filtered."""
@@ -673,7 +702,7 @@ class Gateway:
             data["model"] = self.cfg.model
         if self.output_filter:
             redactors: dict = {}
-            await asyncio.to_thread(self._filter_choices, data, _text_field(route, False), redactors, True)
+            await self.filter_output(data, _text_field(route, False), redactors, True)
             self.metrics.redactions.inc(sum(r.redactions for r in redactors.values()))
         return JSONResponse(data)
 
@@ -720,8 +749,8 @@ class Gateway:
                     self.metrics.usage(chunk.get("usage"))
                     if "model" in chunk:
                         chunk["model"] = self.cfg.model
-                    if self.output_filter:  # Presidio takes milliseconds: on the event loop it would stall every client
-                        await asyncio.to_thread(self._filter_choices, chunk, field, redactors, False)
+                    if self.output_filter:
+                        await self.filter_output(chunk, field, redactors, False)
                     if not wants_usage:
                         chunk.pop("usage", None)
                     if not _held_back(chunk, field) and (chunk.get("choices") or wants_usage or "error" in chunk):

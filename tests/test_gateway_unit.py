@@ -174,3 +174,38 @@ def test_health_and_the_routes():
     for r in (metrics, unknown, wrong_model, no_backend):
         _assert_openai_error(r.json())
     assert health.json() == {"status": "no healthy backend", "healthy_backends": 0, "backends": 2}
+
+
+PII_SAMPLES = ["mail jane.doe@example.com now", "call +1 415 555 0199 today", "host 203.0.113.7 is up",
+               "v6 2001:db8::8a2e:370:7334 too", "card 4111 1111 1111 1111 ok", "sk-abcdefghijklmnopqrstuvwx123",
+               "AKIAIOSFODNN7EXAMPLE", "api_key = 'Zm9vYmFyYmF6cXV4MTIzNDU2'",
+               "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY here", "ghp_" + "a1" * 18 + " x"]
+
+
+def test_may_contain_clears_only_text_without_pii(monkeypatch):
+    """The cheap test is a necessary condition: every sample the recognizers find (run without the test) passes it."""
+    scrubber = gw.PiiFilter()._scrubber
+    ungated = type(scrubber).may_contain
+    monkeypatch.setattr(type(scrubber), "may_contain", lambda self, text: True)
+    for text in PII_SAMPLES:
+        assert scrubber.find(text), f"precondition: the recognizers find something in {text!r}"
+        assert ungated(scrubber, text), text
+    prose = "A mutex lets one thread at a time enter a critical section, so two threads never race."
+    assert not scrubber.find(prose) and not ungated(scrubber, prose)
+
+
+def test_the_filter_runs_in_a_thread_only_when_text_may_hold_pii(monkeypatch):
+    hops = []
+    real = asyncio.to_thread
+    monkeypatch.setattr(gw.asyncio, "to_thread", lambda fn, *a: hops.append(fn) or real(fn, *a))
+    g, _ = _gateway(backends=(A,), output_filter=gw.PiiFilter(), stream_holdback_chars=8)
+    redactors = {}
+    words = "A mutex lets one thread at a time enter the section; write to jane.doe@example.com for more".split()
+    out = ""
+    for i, w in enumerate(words):
+        final = i == len(words) - 1
+        chunk = {"choices": [{"index": 0, "delta": {"content": w + " "}, "finish_reason": "stop" if final else None}]}
+        asyncio.run(g.filter_output(chunk, ("delta", "content"), redactors, False))
+        out += chunk["choices"][0]["delta"]["content"]
+    assert out == "A mutex lets one thread at a time enter the section; write to <EMAIL> for more ", out
+    assert 0 < len(hops) <= 4, "prose stays on the event loop; the window holding the address goes to a thread"
