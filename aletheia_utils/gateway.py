@@ -83,6 +83,8 @@ class GatewayConfig(_Strict):
     request_timeout_s: float = Field(300, gt=0)
     output_filter: str = Field("pii", description="pii, none, or module:factory returning text -> spans")
     stream_holdback_chars: int = Field(32, ge=0, description="streamed text held back so a split secret is caught")
+    stream_filter_every_chars: int = Field(24, ge=0, description="where text may hold PII, search it once per this "
+                                                                 "many new characters, not once per chunk")
     backends: list[Backend] = Field(min_length=1)
 
     @field_validator("rate_limit")
@@ -172,29 +174,34 @@ class StreamRedactor:
     """Redacts text that arrives in pieces. It holds back the last `holdback` characters (cut at whitespace, never
     inside a match) and searches with the last `holdback` characters already sent as left context, so a secret split
     across chunks, or one recognized by what precedes it (`api_key = ...`), is still caught. A filter with a
-    `may_contain(text)` test (the default `PiiFilter`) is not called on a window that test clears."""
+    `may_contain(text)` test (the default `PiiFilter`) is not called on a window that test clears; where it may hold
+    something (or the filter has no such test), text is searched once `every` new characters have come beyond the
+    holdback, not once per chunk."""
 
-    def __init__(self, find: Callable[[str], list[Span]], holdback: int = 32):
-        self.find, self.holdback, self.sent, self.buffer, self.redactions = find, holdback, "", "", 0
-        self.may_contain = getattr(find, "may_contain", None)
+    def __init__(self, find: Callable[[str], list[Span]], holdback: int = 32, every: int = 0):
+        self.find, self.holdback, self.every, self.sent, self.buffer = find, holdback, every, "", ""
+        self.may_contain, self.redactions = getattr(find, "may_contain", None), 0
+
+    def _clear(self, window: str) -> bool:
+        return self.may_contain is not None and not self.may_contain(window)
 
     def cheap(self, text: str, final: bool = False) -> bool:
         """Whether `feed(text)` (and `flush()` if `final`) runs no filter call: the text stays held back, or the
         filter's `may_contain` clears the window. Then it can run on the event loop; otherwise in a thread."""
-        if not final and len(self.buffer) + len(text) <= self.holdback:
+        if not final and len(self.buffer) + len(text) - self.holdback < max(self.every, 1):
             return True
-        return self.may_contain is not None and not self.may_contain(self.sent + self.buffer + text)
+        return self._clear(self.sent + self.buffer + text)
 
     def _spans(self) -> list[Span]:
         offset, window = len(self.sent), self.sent + self.buffer
-        if self.may_contain is not None and not self.may_contain(window):
+        if self._clear(window):
             return []
         return [(max(s - offset, 0), e - offset, r) for s, e, r in self.find(window) if e > offset]
 
     def feed(self, text: str) -> str:
         self.buffer += text
         cut = len(self.buffer) - self.holdback
-        if cut <= 0:
+        if cut <= 0 or (cut < self.every and not self._clear(self.sent + self.buffer)):
             return ""
         space = max(self.buffer.rfind(" ", 0, cut), self.buffer.rfind("\n", 0, cut))
         cut = space + 1 if space >= 0 else cut
@@ -659,7 +666,8 @@ class Gateway:
 
     def _redactor(self, redactors: dict, choice: dict) -> StreamRedactor:
         return redactors.setdefault(choice.get("index", 0),
-                                    StreamRedactor(self.output_filter, self.cfg.stream_holdback_chars))
+                                    StreamRedactor(self.output_filter, self.cfg.stream_holdback_chars,
+                                                   self.cfg.stream_filter_every_chars))
 
     def _filter_choices(self, chunk: dict, field, redactors: dict, final: bool) -> None:
         for choice in chunk.get("choices") or []:

@@ -209,3 +209,17 @@ def test_the_filter_runs_in_a_thread_only_when_text_may_hold_pii(monkeypatch):
         out += chunk["choices"][0]["delta"]["content"]
     assert out == "A mutex lets one thread at a time enter the section; write to <EMAIL> for more ", out
     assert 0 < len(hops) <= 4, "prose stays on the event loop; the window holding the address goes to a thread"
+
+
+def test_where_pii_may_be_the_filter_runs_once_per_every_chars_not_per_chunk():
+    pii = gw.PiiFilter()
+    text = "Ports 8080 and 8443 answer on 203.0.113.7; mail ops@example.com or call +1 415 555 0199 before 10:30. " * 3
+    words = [w + " " for w in text.split()]
+    outputs, calls = {}, {}
+    for every in (0, 24):
+        calls[every] = []
+        r = gw.StreamRedactor(lambda t, n=calls[every]: n.append(t) or pii(t), 32, every)
+        outputs[every] = "".join(r.feed(w) for w in words) + r.flush()
+    assert outputs[0] == outputs[24] == gw.redact(" ".join(text.split()) + " ", pii(" ".join(text.split()) + " "))
+    assert "<EMAIL>" in outputs[24] and "<PHONE>" in outputs[24] and "<IP_ADDRESS>" in outputs[24]
+    assert len(calls[24]) * 3 <= len(calls[0]), (len(calls[24]), len(calls[0]))
