@@ -13,8 +13,11 @@ Two backends, each in its own process, started and stopped by this script:
 
 Each cell (backend, streamed or not, clients) runs its requests in rounds that alternate direct → gateway with the
 filter → gateway without it, so drift in the machine's load hits every path alike. A request's latency is the time
-to its last byte, streamed ones also to the first token. Overhead = gateway − direct at p50 and p95. The gateways run
-with `aletheia gateway`'s defaults (keys, rate limit raised so it never refuses). Writes
+to its last byte, streamed ones also to the first token. Overhead = gateway − direct at p50 and p95. Each gateway
+process's CPU time per request is recorded too: on a shared machine it moves far less than latency does. The gateways
+run with `aletheia gateway`'s defaults (rate limit raised so it never refuses), from the project root (`python -m`
+imports the package from the working folder). `--baseline-src DIR` adds a gateway from another copy of the package
+(`git archive REV aletheia_utils | tar -x -C DIR`), to compare two versions in one run. Writes
 benchmarks/results/gateway_latency.{json,png}.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -131,6 +135,13 @@ def stats(results: list[dict]) -> dict:
             "ttft_p50_ms": _ms(_pct(ttft, 50)), "ttft_p95_ms": _ms(_pct(ttft, 95))}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads), from /proc: unlike latency, barely moved by
+    other programs sharing the cores."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
 
@@ -173,14 +184,16 @@ def figure(rows: list[dict]):
     labels = sorted({(r["backend"], r["stream"], r["clients"]) for r in cells},
                     key=lambda c: (c[0], c[1], c[2]))
     paths = sorted({r["path"] for r in cells})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.55 * len(labels) + 1.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.8 * len(labels) + 1.8), sharey=True)
     y = np.arange(len(labels))
     for ax, stat in zip(axes, ("p50", "p95"), strict=True):
+        step = 0.8 / len(paths)
         for k, path in enumerate(paths):
             values = [next((r[f"overhead_{stat}_ms"] for r in cells if r["path"] == path
                             and (r["backend"], r["stream"], r["clients"]) == c), np.nan) for c in labels]
-            ax.barh(y + (k - (len(paths) - 1) / 2) * 0.38, values, height=0.36, label=path)
-            for yy, v in zip(y + (k - (len(paths) - 1) / 2) * 0.38, values, strict=True):
+            ys = y + (k - (len(paths) - 1) / 2) * step
+            ax.barh(ys, values, height=step * 0.95, label=path)
+            for yy, v in zip(ys, values, strict=True):
                 if not np.isnan(v):
                     ax.text(v, yy, f" {v:.1f}", va="center", fontsize=7)
         ax.axvline(0, color="black", lw=0.6)
@@ -193,6 +206,28 @@ def figure(rows: list[dict]):
     return fig
 
 
+@contextlib.contextmanager
+def launch_baseline(au, src: str, backend):
+    """`aletheia gateway` importing the package from `src` (run from there, so `python -m` finds that copy first),
+    with a config of keys every version knows and the default output filter (pii)."""
+    import tempfile
+
+    import yaml
+
+    port = au.serve.free_port()
+    config = tempfile.mkstemp(prefix="gateway-baseline-", suffix=".yaml")[1]
+    with open(config, "w", encoding="utf-8") as f:
+        yaml.safe_dump({"port": port, "model": "aletheia", "rate_limit": "1000000/minute",
+                        "backends": [{"url": backend.base_url, "model": backend.model}]}, f)
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(src), "ALETHEIA_GATEWAY_KEYS": KEY}
+    with contextlib.ExitStack() as stack:
+        with contextlib.chdir(src):  # the process starts (and is waited for) in `src`
+            server = stack.enter_context(au.serve.launch(
+                "gateway-baseline", [sys.executable, "-m", "aletheia_utils.cli", "gateway", "--config", config],
+                host="127.0.0.1", port=port, model="aletheia", api_key=KEY, env=env))
+        yield server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="fake,llama-server")
@@ -202,13 +237,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="llama-server's answer length")
     parser.add_argument("--filters", default="pii,none", help="gateways to compare, by output_filter")
     parser.add_argument("--threads", type=int, default=1, help="llama-server's threads")
+    parser.add_argument("--baseline-src", help="a folder holding another aletheia_utils (e.g. `git archive REV "
+                        "aletheia_utils | tar -x -C DIR`) whose gateway, filter pii, runs beside the others")
+    parser.add_argument("--baseline-label", default="baseline", help="its name in the results")
     parser.add_argument("--name", default="gateway_latency")
     parser.add_argument("--fake-backend", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fake_backend:
         return serve_fake(args.fake_backend)
-
-    import contextlib
 
     import common
 
@@ -232,20 +268,31 @@ def main() -> None:
                                                                     threads=args.threads))
                 requests = args.llama_requests
             paths = {"direct": (backend.base_url + "/chat/completions", backend.api_key, backend.model)}
+            pids = {"direct": backend.process.pid}  # the process whose CPU time each path adds
             for spec in args.filters.split(","):
                 cfg = gw.GatewayConfig(port=au.serve.free_port(), model="aletheia", rate_limit="1000000/minute",
                                        output_filter=spec, backends=[{"url": backend.base_url, "model": backend.model}])
                 g = stack.enter_context(gw.launch(cfg, [KEY]))
                 paths[f"gateway, filter {spec}"] = (g.base_url + "/chat/completions", KEY, "aletheia")
+                pids[f"gateway, filter {spec}"] = g.process.pid
+            if args.baseline_src:
+                g = stack.enter_context(launch_baseline(au, args.baseline_src, backend))
+                paths[f"gateway {args.baseline_label}, filter pii"] = (g.base_url + "/chat/completions", KEY,
+                                                                       "aletheia")
+                pids[f"gateway {args.baseline_label}, filter pii"] = g.process.pid
             for stream in (False, True):
                 for n in clients:
                     load = list(os.getloadavg())
-                    t0 = time.perf_counter()
+                    t0, cpu0 = time.perf_counter(), {k: cpu_seconds(pid) for k, pid in pids.items()}
                     results = asyncio.run(measure_cell(paths, stream, n, requests, args.max_tokens, warmup=2 * n))
+                    cpu = {k: cpu_seconds(pid) - cpu0[k] for k, pid in pids.items()}
                     direct = stats(results["direct"])
                     for name, res in results.items():
                         s = stats(res)
                         row = {"backend": backend_kind, "stream": stream, "clients": n, "path": name, **s,
+                               # the backend serves every path: its CPU per request counts them all
+                               "process_cpu_ms_per_request": round(cpu[name] * 1000 / (
+                                   (requests + 2 * n) * (len(paths) if name == "direct" else 1)), 2),
                                "load_average_before": load, "cell_wall_s": round(time.perf_counter() - t0, 1)}
                         if name != "direct":
                             for k in ("p50", "p95", "ttft_p50", "ttft_p95"):
@@ -253,7 +300,8 @@ def main() -> None:
                                 row[f"overhead_{k}_ms"] = None if a is None or b is None else round(a - b, 2)
                         rows.append(common.shown(row))
     summary = {f"{r['backend']}, {'stream' if r['stream'] else 'whole'}, {r['clients']} clients, {r['path']}":
-               {k: r[k] for k in ("overhead_p50_ms", "overhead_p95_ms", "overhead_ttft_p50_ms", "p50_ms", "errors")}
+               {k: r[k] for k in ("overhead_p50_ms", "overhead_p95_ms", "overhead_ttft_p50_ms", "p50_ms",
+                                  "process_cpu_ms_per_request", "errors")}
                for r in rows if r["path"] != "direct"}
     print(json.dumps(summary, indent=1))
     common.write(args.name, {
@@ -261,6 +309,7 @@ def main() -> None:
         "note": "shared machine: another engineer's training ran on the same 2 cores; the benchmark ran at nice 19",
         "answer_words_fake": len(ANSWER), "max_tokens_llama_server": args.max_tokens, "threads": args.threads,
         "requests_per_path_and_cell": {"fake": args.requests, "llama-server": args.llama_requests},
+        "baseline": {"src": args.baseline_src, "label": args.baseline_label} if args.baseline_src else None,
         "summary": summary, "results": rows}, {}, "", figure=figure(rows))
 
 
