@@ -221,6 +221,21 @@ class StreamRedactor:
         return redact(head, spans)
 
 
+# ---------------------------------------------------------------- rate limits
+
+class _Storage(MemoryStorage):
+    """`limits`' in-memory storage, tidying expired entries at most once a second. The stock one starts a new
+    `threading.Timer` thread on nearly every hit (about a millisecond of the gateway's time per request, measured);
+    the moving window's answer never depends on that tidying, only its memory does."""
+
+    _tidied = 0.0
+
+    def _MemoryStorage__schedule_expiry(self) -> None:  # the private hook `incr`/`acquire_entry` call on each hit
+        if (now := time.monotonic()) - self._tidied >= 1.0:
+            self._tidied = now
+            super()._MemoryStorage__schedule_expiry()
+
+
 # ---------------------------------------------------------------- errors and validation
 
 class ApiError(Exception):
@@ -556,7 +571,7 @@ class Gateway:
         self.cfg, self.output_filter, self.metrics = cfg, output_filter, Metrics()
         self.pool = Pool(cfg, lambda b: self.metrics.healthy.labels(b.url).set(int(b.healthy)))
         self.accepted = [(_hash(k), limits.parse(limit)) for k, limit in keys.items()]
-        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+        self.limiter = MovingWindowRateLimiter(_Storage())
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(cfg.request_timeout_s, connect=cfg.connect_timeout_s),
                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
                                       transport=transport)

@@ -5,8 +5,10 @@ test."""
 import asyncio
 import json
 import re
+import threading
 
 import httpx
+import limits
 import pytest
 from starlette.requests import Request
 from test_gateway import BAD, CONTEXT, KEY, _assert_openai_error
@@ -111,6 +113,21 @@ def test_authenticate_and_rate_limit():
     assert e.status == 429 and e.body["error"]["code"] == "rate_limit_exceeded"
     assert 1 <= int(e.headers["Retry-After"]) <= 60
     g.rate_limit("another key", limit)
+
+
+def test_rate_limit_hits_do_not_start_a_thread_each(monkeypatch):
+    """limits' MemoryStorage starts a Timer thread on nearly every hit; the gateway's tidies at most once a second."""
+    started = []
+    monkeypatch.setattr(threading.Timer, "start", lambda self: started.append(self))
+    g, _ = _gateway()
+    started.clear()  # the storage's own, at creation
+    limit = limits.parse("1000/minute")
+    for _ in range(50):
+        g.rate_limit("a key", limit)
+    assert len(started) == 1, len(started)
+    with pytest.raises(gw.ApiError):  # the window still counts every hit
+        for _ in range(951):
+            g.rate_limit("a key", limit)
 
 
 def test_pick_backend_skips_the_unhealthy_and_prefers_the_least_busy():
