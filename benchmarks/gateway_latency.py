@@ -241,6 +241,8 @@ def main() -> None:
                         "aletheia_utils | tar -x -C DIR`) whose gateway, filter pii, runs beside the others")
     parser.add_argument("--baseline-label", default="baseline", help="its name in the results")
     parser.add_argument("--name", default="gateway_latency")
+    parser.add_argument("--note", default="shared machine: other engineers' jobs ran on the same 2 cores; this "
+                        "benchmark ran at nice 19", help="what the results should say about the machine")
     parser.add_argument("--fake-backend", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fake_backend:
@@ -299,19 +301,27 @@ def main() -> None:
                                 a, b = s[f"{k}_ms"], direct[f"{k}_ms"]
                                 row[f"overhead_{k}_ms"] = None if a is None or b is None else round(a - b, 2)
                         rows.append(common.shown(row))
+                    save(args, machine, started, rows, complete=False)
+    save(args, machine, started, rows, complete=True)
+
+
+def save(args, machine: dict, started: str, rows: list[dict], complete: bool) -> None:
+    """The results so far (after every cell, so a run stopped early keeps what it measured)."""
+    import common
+
     summary = {f"{r['backend']}, {'stream' if r['stream'] else 'whole'}, {r['clients']} clients, {r['path']}":
                {k: r[k] for k in ("overhead_p50_ms", "overhead_p95_ms", "overhead_ttft_p50_ms", "p50_ms",
                                   "process_cpu_ms_per_request", "errors")}
                for r in rows if r["path"] != "direct"}
-    print(json.dumps(summary, indent=1))
+    if complete:
+        print(json.dumps(summary, indent=1))
     common.write(args.name, {
-        "started": started, "machine": machine, "nice": os.nice(0),
-        "note": "shared machine: another engineer's training ran on the same 2 cores; the benchmark ran at nice 19",
+        "started": started, "complete": complete, "command": " ".join(sys.argv), "machine": machine,
+        "nice": os.nice(0), "note": args.note,
         "answer_words_fake": len(ANSWER), "max_tokens_llama_server": args.max_tokens, "threads": args.threads,
         "requests_per_path_and_cell": {"fake": args.requests, "llama-server": args.llama_requests},
         "baseline": {"src": args.baseline_src, "label": args.baseline_label} if args.baseline_src else None,
         "summary": summary, "results": rows}, {}, "", figure=figure(rows))
-
 
 if __name__ == "__main__":
     main()
