@@ -17,6 +17,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
+from . import files
+
 PROJECT = Path(__file__).resolve().parent.parent  # defaults for paths a params file leaves out
 QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
 
@@ -334,7 +336,4 @@ def load(path: str | Path, overrides: dict[str, object] | list[str] | None = Non
 
 def save(cfg: Config, path: Path) -> None:
     """Write the resolved settings (absolute paths) so a run folder records what it ran with."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    files.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

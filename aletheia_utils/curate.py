@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import os
 import random
 import re
 import unicodedata
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import data, generation, models, serve
+from .files import atomic_write
 from .pii import PII_PLACEHOLDERS, PiiScrubber
 
 # ---------------------------------------------------------------- normalization
@@ -407,8 +407,7 @@ def stream_curate(files: list[str | Path], out_path: Path, *, tokenizer, min_tok
     counts["exact_duplicate"] = len(ds) - len(first)
     counts["pii_spans"] = sum(ds["pii"])
     ds = ds.select(first).remove_columns(["reason", "hash", "pii"])
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    ds.to_json(str(tmp), lines=True, force_ascii=False)
-    tmp.replace(out_path)
+    with atomic_write(out_path) as tmp:
+        ds.to_json(str(tmp), lines=True, force_ascii=False)
     counts["rows_out"] = len(ds)
     return counts

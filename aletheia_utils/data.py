@@ -1,18 +1,19 @@
 """Rows and files every stage shares: the row kinds and their validation, JSONL files, the curated splits, the
 prompt formats, and canonical text (what "the same prompt" means for hashing and contamination checks).
 
-A leaf module: it imports nothing from the package, so every stage can build on it.
+A leaf module: it imports nothing from the package but `files`, so every stage can build on it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import files
 
 KINDS = {
     "raw": ("id", "topic", "source", "question", "answer"),
@@ -149,13 +150,11 @@ def load_split(path: Path, kind: str) -> list[dict]:
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     """Write rows (without `_`-prefixed bookkeeping keys) atomically; return the count."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with files.atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for r in rows:
             fh.write(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
             n += 1
-    tmp.replace(path)
     return n
 
 

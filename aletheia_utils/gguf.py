@@ -7,9 +7,12 @@ model on the same token ids: perplexity of held-out responses and greedy-token a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, llamacpp
+from . import data, files, llamacpp
 from .pipeline import write_json
 from .serve import ServerError, check_gguf
 
@@ -38,37 +41,59 @@ def _check_model_dir(model_dir: Path) -> None:
         raise GGUFError(f"{model_dir}: no *.safetensors weights")
 
 
+def _write_failed(what: str, out: Path, detail: str) -> GGUFError:
+    """One error naming the file that was not written, why, and the free space left on its disk."""
+    free = shutil.disk_usage(out.parent).free
+    full = any(s in detail.lower() for s in ("no space left", "not enough free space")) or free < 16 << 20
+    reason = f"the disk is full ({free >> 20} MiB free in {out.parent})" if full else \
+        f"{free >> 20} MiB free in {out.parent}"
+    return GGUFError(f"{what} failed: {out} was not written ({reason}); no partial file is left, and the stage "
+                     f"redoes it on the next run.\n{detail}".rstrip())
+
+
+def _check_complete(tmp: Path, out: Path) -> None:
+    """The written file parses and holds every tensor it declares, or `GGUFError` naming `out`."""
+    try:
+        read_metadata(tmp)
+    except GGUFError as e:
+        raise GGUFError(str(e).replace(str(tmp), str(out))) from None
+
+
 def convert(model_dir: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16") -> Path:
-    """HF folder → GGUF with llama.cpp's converter; written to a temporary name and renamed when complete."""
+    """HF folder → GGUF with llama.cpp's converter; written to a temporary name, checked complete and renamed
+    (`files.atomic_write`); a failure (a full disk too) names `out` and leaves nothing there."""
     model_dir, out = Path(model_dir), Path(out)
     _check_model_dir(model_dir)
-    tmp = out.with_name(out.name + ".partial")
-    proc = subprocess.run([sys.executable, str(llamacpp.converter()), str(model_dir), "--outfile", str(tmp),
-                           "--outtype", outtype], env=llamacpp.converter_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        tail = "\n".join(proc.stderr.splitlines()[-8:])
-        raise GGUFError(f"convert_hf_to_gguf.py failed on {model_dir} (exit {proc.returncode}):\n{tail}")
-    os.replace(tmp, out)
+    with files.atomic_write(out) as tmp:
+        proc = subprocess.run([sys.executable, str(llamacpp.converter()), str(model_dir), "--outfile", str(tmp),
+                               "--outtype", outtype], env=llamacpp.converter_env(), capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.splitlines()[-8:])
+            raise _write_failed(f"convert_hf_to_gguf.py on {model_dir} (exit {proc.returncode})", out, tail)
+        _check_complete(tmp, out)
     return out
 
 
 def quantize(src: str | os.PathLike, out: str | os.PathLike, level: str, threads: int | None = None) -> Path:
-    """Quantize `src` to `level` (e.g. Q4_K_M) with llama.cpp's `llama_model_quantize`."""
+    """Quantize `src` to `level` (e.g. Q4_K_M) with llama.cpp's `llama_model_quantize`; written like `convert`."""
     import llama_cpp
 
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{level.upper()}", None)
     if ftype is None:
         raise GGUFError(f"unknown quant type {level!r}")
     src, out = read_metadata(src)["path"], Path(out)
-    tmp = out.with_name(out.name + ".partial")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = ftype, threads or os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-    if rc != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        raise GGUFError(f"llama_model_quantize {src} → {level} failed (return code {rc})")
-    os.replace(tmp, out)
+    with files.atomic_write(out) as tmp:
+        log = io.StringIO()  # llama-cpp-python prints llama.cpp's log lines to sys.stderr
+        with contextlib.redirect_stderr(log):
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        sys.stderr.write(log.getvalue())
+        if rc != 0 or not tmp.is_file():
+            errors = [line for line in log.getvalue().splitlines() if "fail" in line or "error" in line.lower()]
+            raise _write_failed(f"llama_model_quantize {src} → {level} (return code {rc})", out,
+                                "\n".join(errors[-4:]))
+        _check_complete(tmp, out)
     return out
 
 

@@ -16,7 +16,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from . import models
+from . import files, models
 
 PACKAGE = "llama-cpp-python"
 
@@ -71,12 +71,11 @@ def fetch() -> Path:
                         f"{PACKAGE}=={version()}", "-d", tmp], check=True)
         (sdist,) = Path(tmp).glob("*.tar.gz")
         prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
-        with tarfile.open(sdist) as tar:
+        with tarfile.open(sdist) as tar, files.atomic_write(source_dir()) as src:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
             for m in members:
                 m.name = m.name.removeprefix(prefix)
-            tar.extractall(Path(tmp) / "src", members=[m for m in members if m.name], filter="data")
-        os.replace(Path(tmp) / "src", source_dir())
+            tar.extractall(src, members=[m for m in members if m.name], filter="data")
     return source_dir()
 
 
@@ -95,9 +94,8 @@ def build(jobs: int | None = None) -> Path:
                     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"], check=True, stdout=subprocess.DEVNULL)
     subprocess.run([cmake, "--build", str(build_dir), "--target", "llama-server", "-j", str(jobs or os.cpu_count())],
                    check=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(build_dir / "bin" / "llama-server", target.with_suffix(".tmp"))
-    os.replace(target.with_suffix(".tmp"), target)
+    with files.atomic_write(target) as tmp:
+        shutil.copy2(build_dir / "bin" / "llama-server", tmp)
     shutil.rmtree(build_dir)
     return target
 

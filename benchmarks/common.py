@@ -129,7 +129,8 @@ def write(name: str, result: dict, bars: dict[str, float], ylabel: str, figure=N
               "load_average_at_end": list(os.getloadavg())}
     path = au.pipeline.write_json(RESULTS / f"{name}.json", result)
     if figure is not None:
-        figure.savefig(RESULTS / f"{name}.png", dpi=110)
+        with au.files.atomic_write(RESULTS / f"{name}.png") as tmp:
+            figure.savefig(tmp, dpi=110, format="png")
         plt.close(figure)
         return path
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -141,6 +142,7 @@ def write(name: str, result: dict, bars: dict[str, float], ylabel: str, figure=N
     ax.set_xlim(0, max(values) * 1.3)
     ax.set_title(f"{name} — {result['machine']['cpu']}, {result['machine']['cores']} cores", fontsize=9)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    with au.files.atomic_write(RESULTS / f"{name}.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path

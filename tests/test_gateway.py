@@ -218,8 +218,10 @@ def test_stream_redactor_matches_whole_text():
     for _ in range(30):
         cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 40)))
         pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
-        r = gw.StreamRedactor(find)
-        assert "".join(r.feed(p) for p in pieces) + r.flush() == expected
+        for every in (0, 24):  # searched on every chunk, or once per 24 new characters where PII may be
+            for f in (find, lambda t: find(t)):  # with and without the cheap may_contain test
+                r = gw.StreamRedactor(f, 32, every)
+                assert "".join(r.feed(p) for p in pieces) + r.flush() == expected, (every, f)
 
 
 def test_client_disconnect_cancels_upstream(gateway, backend):

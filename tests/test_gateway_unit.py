@@ -5,8 +5,10 @@ test."""
 import asyncio
 import json
 import re
+import threading
 
 import httpx
+import limits
 import pytest
 from starlette.requests import Request
 from test_gateway import BAD, CONTEXT, KEY, _assert_openai_error
@@ -113,6 +115,21 @@ def test_authenticate_and_rate_limit():
     g.rate_limit("another key", limit)
 
 
+def test_rate_limit_hits_do_not_start_a_thread_each(monkeypatch):
+    """limits' MemoryStorage starts a Timer thread on nearly every hit; the gateway's tidies at most once a second."""
+    started = []
+    monkeypatch.setattr(threading.Timer, "start", lambda self: started.append(self))
+    g, _ = _gateway()
+    started.clear()  # the storage's own, at creation
+    limit = limits.parse("1000/minute")
+    for _ in range(50):
+        g.rate_limit("a key", limit)
+    assert len(started) == 1, len(started)
+    with pytest.raises(gw.ApiError):  # the window still counts every hit
+        for _ in range(951):
+            g.rate_limit("a key", limit)
+
+
 def test_pick_backend_skips_the_unhealthy_and_prefers_the_least_busy():
     g, calls = _gateway(backends=(A, B, C), unhealthy=(A,))
 
@@ -174,3 +191,52 @@ def test_health_and_the_routes():
     for r in (metrics, unknown, wrong_model, no_backend):
         _assert_openai_error(r.json())
     assert health.json() == {"status": "no healthy backend", "healthy_backends": 0, "backends": 2}
+
+
+PII_SAMPLES = ["mail jane.doe@example.com now", "call +1 415 555 0199 today", "host 203.0.113.7 is up",
+               "v6 2001:db8::8a2e:370:7334 too", "card 4111 1111 1111 1111 ok", "sk-abcdefghijklmnopqrstuvwx123",
+               "AKIAIOSFODNN7EXAMPLE", "api_key = 'Zm9vYmFyYmF6cXV4MTIzNDU2'",
+               "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY here", "ghp_" + "a1" * 18 + " x"]
+
+
+def test_may_contain_clears_only_text_without_pii(monkeypatch):
+    """The cheap test is a necessary condition: every sample the recognizers find (run without the test) passes it."""
+    scrubber = gw.PiiFilter()._scrubber
+    ungated = type(scrubber).may_contain
+    monkeypatch.setattr(type(scrubber), "may_contain", lambda self, text: True)
+    for text in PII_SAMPLES:
+        assert scrubber.find(text), f"precondition: the recognizers find something in {text!r}"
+        assert ungated(scrubber, text), text
+    prose = "A mutex lets one thread at a time enter a critical section, so two threads never race."
+    assert not scrubber.find(prose) and not ungated(scrubber, prose)
+
+
+def test_the_filter_runs_in_a_thread_only_when_text_may_hold_pii(monkeypatch):
+    hops = []
+    real = asyncio.to_thread
+    monkeypatch.setattr(gw.asyncio, "to_thread", lambda fn, *a: hops.append(fn) or real(fn, *a))
+    g, _ = _gateway(backends=(A,), output_filter=gw.PiiFilter(), stream_holdback_chars=8)
+    redactors = {}
+    words = "A mutex lets one thread at a time enter the section; write to jane.doe@example.com for more".split()
+    out = ""
+    for i, w in enumerate(words):
+        final = i == len(words) - 1
+        chunk = {"choices": [{"index": 0, "delta": {"content": w + " "}, "finish_reason": "stop" if final else None}]}
+        asyncio.run(g.filter_output(chunk, ("delta", "content"), redactors, False))
+        out += chunk["choices"][0]["delta"]["content"]
+    assert out == "A mutex lets one thread at a time enter the section; write to <EMAIL> for more ", out
+    assert 0 < len(hops) <= 4, "prose stays on the event loop; the window holding the address goes to a thread"
+
+
+def test_where_pii_may_be_the_filter_runs_once_per_every_chars_not_per_chunk():
+    pii = gw.PiiFilter()
+    text = "Ports 8080 and 8443 answer on 203.0.113.7; mail ops@example.com or call +1 415 555 0199 before 10:30. " * 3
+    words = [w + " " for w in text.split()]
+    outputs, calls = {}, {}
+    for every in (0, 24):
+        calls[every] = []
+        r = gw.StreamRedactor(lambda t, n=calls[every]: n.append(t) or pii(t), 32, every)
+        outputs[every] = "".join(r.feed(w) for w in words) + r.flush()
+    assert outputs[0] == outputs[24] == gw.redact(" ".join(text.split()) + " ", pii(" ".join(text.split()) + " "))
+    assert "<EMAIL>" in outputs[24] and "<PHONE>" in outputs[24] and "<IP_ADDRESS>" in outputs[24]
+    assert len(calls[24]) * 3 <= len(calls[0]), (len(calls[24]), len(calls[0]))

@@ -1,6 +1,8 @@
 """GGUF conversion and quantization with llama.cpp's own tools, the per-level checks, and bad inputs."""
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -56,7 +58,7 @@ def test_bad_model_folder(tmp_path, hf_dir):
     shutil.copy(hf_dir / "config.json", folder)
     with pytest.raises(GGUFError, match="no \\*.safetensors"):
         au.gguf.convert(folder, tmp_path / "x.gguf")
-    assert not list(tmp_path.glob("*.gguf*"))
+    assert not list(tmp_path.glob("*.gguf*")), "no file, hidden temporaries included"
 
 
 def test_corrupt_weights_fail_conversion_without_output(tmp_path, hf_dir):
@@ -66,7 +68,7 @@ def test_corrupt_weights_fail_conversion_without_output(tmp_path, hf_dir):
     weights.write_bytes(weights.read_bytes()[:4096])
     with pytest.raises(GGUFError, match="convert_hf_to_gguf.py failed"):
         au.gguf.convert(folder, tmp_path / "x.gguf")
-    assert not list(tmp_path.glob("x.gguf*"))
+    assert not list(tmp_path.glob("*x.gguf*"))
 
 
 def test_unknown_quant_and_truncated_input(tmp_path, f16):
@@ -78,4 +80,37 @@ def test_unknown_quant_and_truncated_input(tmp_path, f16):
         au.gguf.quantize(truncated, tmp_path / "q.gguf", "Q4_K_M")
     with pytest.raises(GGUFError, match="no such GGUF"):
         au.gguf.read_metadata(tmp_path / "absent.gguf")
-    assert not list(tmp_path.glob("q.gguf*"))
+    assert not list(tmp_path.glob("*q.gguf*"))
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 24 MiB tmpfs: a disk that really fills up (ENOSPC). Needs root and mount; skipped otherwise."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_names_the_file_leaves_nothing_and_the_next_run_redoes_it(hf_dir, f16, tiny_disk):
+    out = tiny_disk / "model-Q8_0.gguf"
+    with pytest.raises(GGUFError) as caught:
+        au.gguf.quantize(f16, out, "Q8_0")
+    message = str(caught.value)
+    assert str(out) in message and "the disk is full" in message and "failed to quantize" in message, message
+    with pytest.raises(GGUFError) as caught:
+        au.gguf.convert(hf_dir, tiny_disk / "model-F16.gguf")
+    message = str(caught.value)
+    assert str(tiny_disk / "model-F16.gguf") in message and "the disk is full" in message, message
+    assert list(tiny_disk.iterdir()) == [], "no file that looks complete, and no temporary"
+    subprocess.run(["mount", "-o", "remount,size=200m", "tmpfs", str(tiny_disk)], check=True)  # space freed
+    assert au.gguf.read_metadata(au.gguf.quantize(f16, out, "Q8_0"))["n_tensors"] > 0
+    assert [p.name for p in tiny_disk.iterdir()] == [out.name]
