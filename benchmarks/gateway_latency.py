@@ -321,7 +321,8 @@ def save(args, machine: dict, started: str, rows: list[dict], complete: bool) ->
         "nice": os.nice(0), "note": args.note,
         "answer_words_fake": len(ANSWER), "max_tokens_llama_server": args.max_tokens, "threads": args.threads,
         "requests_per_path_and_cell": {"fake": args.requests, "llama-server": args.llama_requests},
-        "baseline": {"src": args.baseline_src, "label": args.baseline_label} if args.baseline_src else None,
+        "baseline": ({"src": common.relative(args.baseline_src), "label": args.baseline_label}
+                     if args.baseline_src else None),
         "summary": summary, "results": rows}, {}, "", figure=figure(rows))
 
 if __name__ == "__main__":
