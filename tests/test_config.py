@@ -59,6 +59,9 @@ def _write(tmp_path, mutate):
     (lambda t: t["sft"].update(max_steps=0), "sft.max_steps: max_steps must be -1"),
     (lambda t: t["run"].pop("base_model"), "run.base_model: required key is missing"),
     (lambda t: t["serve"].update(port=70000), "serve.port: Input should be less than or equal to 65535"),
+    (lambda t: t["data"].update(executor={"kind": "spark"}), "data.executor.kind: Input should be 'local', 'ray'"),
+    (lambda t: t["data"].update(executor={"tasks": 0}), "data.executor.tasks: Input should be greater than or equal"),
+    (lambda t: t["data"].update(executor={"kind": "slurm"}), "data.executor: kind: slurm needs slurm_partition"),
     (lambda t: t["eval"].update(skip_tasks={"aletheia_humaneval": " "}),
      "eval.skip_tasks: give the reason for skipping aletheia_humaneval"),
 ])
