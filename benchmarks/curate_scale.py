@@ -120,11 +120,11 @@ def main() -> None:
             src = scratch / f"raw-{rows}.jsonl"
             planted = curate_scale.synthetic_corpus(src, rows)
             for name in args.configs:
-                result = measure(src, planted, rows, name, scratch) | {"date": time.strftime("%Y-%m-%d"),
-                                                                       "note": args.note}
+                result = measure(src, planted, rows, name, scratch) | {
+                    "date": time.strftime("%Y-%m-%d %H:%M"), "command": "benchmarks/curate_scale.py "
+                    + " ".join(sys.argv[1:]), "note": args.note, "machine": machine()}
                 runs = [r for r in runs if (r["rows"], r["executor"]) != (rows, name)] + [result]
-                RESULTS.write_text(json.dumps({"machine": machine(), "command": " ".join(sys.argv[1:]),
-                                               "runs": runs}, indent=2) + "\n")
+                RESULTS.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
             src.unlink()
     finally:
         if not args.scratch:

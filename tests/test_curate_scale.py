@@ -4,6 +4,7 @@ say so in one sentence."""
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,11 @@ def test_a_rerun_continues_from_the_completed_tasks(cfg, tmp_path):
 
 
 def test_executors_that_cannot_start_fail_at_once_in_one_sentence(cfg, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray is optional: not a project dependency
+    with pytest.raises(curate_scale.ExecutorUnavailable, match="kind is ray but Ray is not installed"):
+        curate_scale.run_params(cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"executor": config.Executor(kind="ray")})}), RAW, tmp_path / "out")
+    assert not (tmp_path / "out" / "work").exists()
     monkeypatch.setattr(shutil, "which", lambda name: None)
     slurm = config.Executor(kind="slurm", slurm_partition="cpu")
     with pytest.raises(curate_scale.ExecutorUnavailable, match="no Slurm here"):
