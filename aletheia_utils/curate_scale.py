@@ -124,6 +124,7 @@ class RawReader(BaseDiskReader):
         super().__init__(data_folder, glob_pattern=glob_pattern, recursive=False, add_file_path=False)
         self.rejected = rejected
         self.fail = fail
+        self.problems = 0
 
     def read_file(self, filepath: str):  # whole-file reads go through read_range
         yield from self.read_range(filepath, 0, None, rank=0)

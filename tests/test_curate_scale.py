@@ -133,3 +133,17 @@ def test_executors_that_cannot_start_fail_at_once_in_one_sentence(cfg, tmp_path,
         curate_scale.check_executor(slurm)
     with pytest.raises(config.ConfigError, match="slurm_partition"):
         config.load(ROOT / "params" / "smoke.yaml", {"data.executor.kind": "slurm"})
+
+
+def test_curate_at_scale_command(tmp_path, capsys):
+    from aletheia_utils import cli
+
+    src = _small_input(tmp_path)
+    base = ["curate-at-scale", "--params", str(ROOT / "params" / "smoke.yaml"), "--input", str(src / "*.jsonl"),
+            "--output", str(tmp_path / "out")]
+    assert cli.main(base + ["--set", "data.on_invalid=skip"]) == 0
+    printed = capsys.readouterr().out
+    assert "rows_in: 23" in printed and "invalid rows: 3" in printed
+    assert cli.main(base + ["--fresh"]) == 2  # smoke.yaml keeps on_invalid: fail
+    assert f"{src / 'big.jsonl'}:11: (row): malformed JSON" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "kept").exists()
