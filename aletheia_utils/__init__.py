@@ -11,8 +11,8 @@ import logging
 # when it cannot; the course runs offline and uses no 4-bit CPU kernel, so that line stays out of every stage's log.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-__all__ = ["config", "curate", "data", "dpo", "embed", "evaluate", "files", "gateway", "generation", "gguf", "llamacpp",
-           "merge", "models", "pii", "pipeline", "plots", "serve", "sft", "training"]
+__all__ = ["config", "curate", "curate_scale", "data", "dpo", "embed", "evaluate", "files", "gateway", "generation",
+           "gguf", "llamacpp", "merge", "models", "pii", "pipeline", "plots", "serve", "sft", "training"]
 __version__ = "0.1.0"
 
 

@@ -1,6 +1,6 @@
 """The `aletheia` command: `run` executes the notebooks with papermill; `validate-data` checks JSONL files;
-`setup-llama-cpp` fetches and builds llama.cpp's tools for the installed llama-cpp-python; `gateway` serves the
-OpenAI-compatible gateway."""
+`curate-at-scale` runs 01's curation as a datatrove pipeline; `setup-llama-cpp` fetches and builds llama.cpp's tools
+for the installed llama-cpp-python; `gateway` serves the OpenAI-compatible gateway."""
 
 from __future__ import annotations
 
@@ -48,6 +48,23 @@ def _validate_data(args) -> int:
     return 2 if failed else 0
 
 
+def _curate_at_scale(args) -> int:
+    from . import curate_scale  # deferred: datatrove loads only for this command
+
+    cfg = config.load(args.params, config.parse_overrides(args.set))
+    try:
+        summary = curate_scale.run_params(cfg, args.input or cfg.data.raw_glob, args.output, fresh=args.fresh)
+    except data.InvalidData as e:
+        print(e, file=sys.stderr)
+        return 2
+    except (curate_scale.ExecutorUnavailable, curate_scale.StageFailed, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0
+
+
 def _setup_llama_cpp(args) -> int:
     for key, value in llamacpp.setup().items():
         print(f"{key}: {value}")
@@ -78,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("files", nargs="+", metavar="FILE")
     val.add_argument("--kind", required=True, choices=list(data.KINDS), help="what each row must be")
     val.set_defaults(func=_validate_data)
+    scale = sub.add_parser("curate-at-scale", help="01's per-row steps and dedup as a datatrove pipeline "
+                                                   "(local, Ray or Slurm: data.executor)")
+    scale.add_argument("--params", required=True, help="YAML params file: data.* thresholds and data.executor")
+    scale.add_argument("--input", help="glob of raw JSONL files (default: data.raw_glob)")
+    scale.add_argument("--output", required=True, help="folder for kept/, removed/, rejected/, logs/, summary.json")
+    scale.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param, e.g. "
+                                                                           "data.executor.tasks=8")
+    scale.add_argument("--fresh", action="store_true", help="start over instead of resuming completed tasks")
+    scale.set_defaults(func=_curate_at_scale)
     setup = sub.add_parser("setup-llama-cpp", help="unpack llama.cpp's converter and build llama-server (cached)")
     setup.set_defaults(func=_setup_llama_cpp)
     gw = sub.add_parser("gateway", help="serve the OpenAI-compatible gateway (auth, rate limit, filter, fail-over)")

@@ -53,6 +53,27 @@ class Split(Section):
         return self
 
 
+class Executor(Section):
+    """Where 01's at-scale path (`curate_scale`, datatrove) runs: `local` (LocalPipelineExecutor, processes on this
+    machine), `ray` (RayPipelineExecutor on the cluster at `ray_address`, or a local one when unset) or `slurm`
+    (SlurmPipelineExecutor: one sbatch array job per stage)."""
+
+    kind: Literal["local", "ray", "slurm"] = "local"
+    tasks: int = Field(2, ge=1, description="shards of the input: files, or byte ranges of a file")
+    workers: int = Field(2, ge=1, description="tasks running at once (local, ray)")
+    ray_address: str | None = Field(None, description='"auto", "ray://host:10001", or unset for a local Ray')
+    cpus_per_task: int = Field(1, ge=1)
+    mem_per_cpu_gb: float = Field(2.0, gt=0)
+    slurm_partition: str | None = Field(None, description="required with kind: slurm")
+    slurm_time: str = "04:00:00"
+
+    @model_validator(mode="after")
+    def _slurm_partition(self):
+        if self.kind == "slurm" and not self.slurm_partition:
+            raise ValueError("kind: slurm needs slurm_partition")
+        return self
+
+
 class Data(Section):
     raw_glob: str = str(PROJECT / "data" / "raw" / "*.jsonl")
     on_invalid: Literal["fail", "skip"] = "fail"
@@ -73,6 +94,7 @@ class Data(Section):
     dpo_max_pairs: int | None = Field(default=None, ge=1)
     dpo_val_max_pairs: int | None = Field(default=None, ge=1)
     max_rows: int | None = Field(default=None, ge=1)
+    executor: Executor = Executor()
 
     @field_validator("boilerplate_patterns")
     @classmethod

@@ -15,11 +15,11 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from . import data, generation, models, serve
-from .files import atomic_write
-from .pii import PII_PLACEHOLDERS, PiiScrubber
+from .pii import PII_PLACEHOLDERS
 
 # ---------------------------------------------------------------- normalization
 
@@ -96,37 +96,100 @@ def relevance(rows: list[dict], topics: dict[str, str], offtopic: dict[str, str]
     return np.mean(margins, axis=0).tolist()
 
 
+RULE_REASONS = ("boilerplate", "repeats_question", "too_short", "too_long")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The rule filters, one implementation for both paths: `quality_filter` here and the datatrove block in
+    `curate_scale`. `reason` names the first rule a row breaks, in the order of `RULE_REASONS`, or "" if none."""
+
+    min_tokens: int
+    max_tokens: int
+    repeat_overlap_max: float
+    boilerplate: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, d) -> Rules:
+        """From the params' `data` section."""
+        return cls(d.min_answer_tokens, d.max_answer_tokens, d.repeat_overlap_max, tuple(d.boilerplate_patterns))
+
+    @cached_property
+    def patterns(self) -> list[re.Pattern]:
+        return [re.compile(p, re.M) for p in self.boilerplate]
+
+    def reason(self, question: str, answer: str, answer_tokens: int) -> str:
+        if any(p.search(answer) for p in self.patterns):
+            return "boilerplate"
+        if repeat_overlap(question, answer) >= self.repeat_overlap_max:
+            return "repeats_question"
+        if answer_tokens < self.min_tokens:
+            return "too_short"
+        if answer_tokens > self.max_tokens:
+            return "too_long"
+        return ""
+
+
 def quality_filter(rows: list[dict], *, tokenizer, embed, topics: dict[str, str], offtopic: dict[str, str],
                    min_tokens: int, max_tokens: int,
                    relevance_min: float, repeat_overlap_max: float, boilerplate: list[str]):
-    """Keep rows that pass every filter; removed rows get `reason`. Each row gains `answer_tokens`."""
-    lengths = data.token_lengths([r["answer"] for r in rows], tokenizer)
-    scores = relevance(rows, topics, offtopic, embed) if rows else []
-    patterns = [re.compile(p, re.M) for p in boilerplate]
+    """Keep rows that pass every filter; removed rows get `reason`. Each row gains `answer_tokens` and, unless
+    `embed` is None (the rule filters alone, as at scale), `relevance`."""
+    rules = Rules(min_tokens, max_tokens, repeat_overlap_max, tuple(boilerplate))
+    lengths = data.token_lengths([r["answer"] for r in rows], tokenizer) if rows else []
+    scores = relevance(rows, topics, offtopic, embed) if rows and embed is not None else [None] * len(rows)
     kept, removed = [], []
     for r, n, rel in zip(rows, lengths, scores, strict=True):
-        r = {**r, "answer_tokens": n, "relevance": round(rel, 4)}
-        if any(p.search(r["answer"]) for p in patterns):
-            reason = "boilerplate"
-        elif repeat_overlap(r["question"], r["answer"]) >= repeat_overlap_max:
-            reason = "repeats_question"
-        elif n < min_tokens:
-            reason = "too_short"
-        elif n > max_tokens:
-            reason = "too_long"
-        elif rel < relevance_min:
-            reason = "off_topic"
+        r = {**r, "answer_tokens": n} | ({} if rel is None else {"relevance": round(rel, 4)})
+        reason = rules.reason(r["question"], r["answer"], n) or (
+            "off_topic" if rel is not None and rel < relevance_min else "")
+        if reason:
+            removed.append({**r, "reason": reason})
         else:
             kept.append(r)
-            continue
-        removed.append({**r, "reason": reason})
     return kept, removed
 
 
 # ---------------------------------------------------------------- dedup
 
+AUTHORED = "aletheia-authored"
+
+
+def exact_key(question: str, answer: str) -> str:
+    """What "the same row" means for dedup: canonical question and answer."""
+    return data.canonical(question + "\n" + answer)
+
+
+def question_key(question: str, answer: str) -> str:
+    """What "the same question" means for dedup."""
+    return data.canonical(question)
+
+
+# The exact dedup steps, in the order they run, with the key each compares (both paths use these).
+DEDUP_KEYS = {"exact_duplicate": exact_key, "same_question": question_key}
+
+
+def near_dup_text(question: str, answer: str) -> str:
+    """The text near-dedup compares: question and answer together."""
+    return question + " " + answer
+
+
+def shingles(text: str) -> list[str]:
+    """The word 3-grams of `text`: what near-dedup's MinHash compares (both paths)."""
+    words = data.words(text)
+    return [" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))]
+
+
+def lsh_bands(threshold: float, num_perm: int = 128) -> tuple[int, int]:
+    """(bands, rows per band) that datasketch's LSH picks for `threshold`: datatrove's MinHash uses the same."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return lsh.b, lsh.r
+
+
 def _hash(text: str) -> str:
-    return hashlib.sha1(data.canonical(text).encode()).hexdigest()
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 class _UnionFind:
@@ -153,41 +216,41 @@ class _UnionFind:
 def _minhash(text: str, num_perm: int, seed: int):
     from datasketch import MinHash
 
-    words = data.words(text)
     m = MinHash(num_perm=num_perm, seed=seed)
-    m.update_batch([" ".join(words[i:i + 3]).encode() for i in range(max(1, len(words) - 2))])
+    m.update_batch([s.encode() for s in shingles(text)])
     return m
 
 
-def dedup(rows: list[dict], near_threshold: float, seed: int = 0, num_perm: int = 128):
+def dedup(rows: list[dict], near_threshold: float | None, seed: int = 0, num_perm: int = 128):
     """Cluster exact duplicates, same-question rows and near duplicates (MinHash LSH over word 3-grams of
-    question + answer); keep one row per cluster, preferring authored rows, then file order.
+    question + answer; `near_threshold=None` skips them); keep one row per cluster, preferring authored rows, then
+    file order.
 
     Returns (kept, removed); each removed row's `reason` is `exact_duplicate`, `same_question` or
     `near_duplicate`, and `duplicate_of` names the kept row's id.
     """
     from datasketch import MinHashLSH
 
-    order = sorted(range(len(rows)), key=lambda i: (rows[i].get("source") != "aletheia-authored", i))
+    order = sorted(range(len(rows)), key=lambda i: (rows[i].get("source") != AUTHORED, i))
     rows = [rows[i] for i in order]
     uf, reason = _UnionFind(len(rows)), {}
-    for key, why in ((lambda r: r["question"] + "\n" + r["answer"], "exact_duplicate"),
-                     (lambda r: r["question"], "same_question")):
+    for why, key in DEDUP_KEYS.items():
         first: dict[str, int] = {}
         for i, r in enumerate(rows):
-            h = _hash(key(r))
+            h = _hash(key(r["question"], r["answer"]))
             if h in first:
                 reason.setdefault(i, why)
                 uf.union(first[h], i)
             else:
                 first[h] = i
-    lsh = MinHashLSH(threshold=near_threshold, num_perm=num_perm)
-    hashes = [_minhash(r["question"] + " " + r["answer"], num_perm, seed) for r in rows]
-    for i, m in enumerate(hashes):
-        for j in lsh.query(m):
-            if m.jaccard(hashes[j]) >= near_threshold:
-                uf.union(j, i)
-        lsh.insert(i, m)
+    if near_threshold is not None:
+        lsh = MinHashLSH(threshold=near_threshold, num_perm=num_perm)
+        hashes = [_minhash(near_dup_text(r["question"], r["answer"]), num_perm, seed) for r in rows]
+        for i, m in enumerate(hashes):
+            for j in lsh.query(m):
+                if m.jaccard(hashes[j]) >= near_threshold:
+                    uf.union(j, i)
+            lsh.insert(i, m)
     kept, removed = [], []
     for members in uf.groups().values():
         keep = min(members)
@@ -335,79 +398,3 @@ def data_card(*, files: list[Path], funnel: Funnel, pii: Counter, splits: dict[s
         n = sum(1 for _ in open(path, encoding="utf-8"))
         lines.append(f"| `{name}` | {n} | `{data.sha256(path)[:16]}…` |")
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- streaming at scale
-
-_WORKER_SCRUBBER: dict[float, PiiScrubber] = {}
-
-
-def _stream_rows(files: list[str]):
-    for path in files:
-        for _, row, _, probs in data.read_jsonl(path, "raw"):
-            if row is None:
-                yield {**dict.fromkeys(data.KINDS["raw"], ""), "problem": "; ".join(str(p) for p in probs)}
-            else:
-                yield {**{k: row[k] for k in data.KINDS["raw"]}, "problem": ""}
-
-
-def _clean_batch(batch: dict, *, tokenizer, min_tokens: int, max_tokens: int, repeat_overlap_max: float,
-                 boilerplate: list[str], pii_min_score: float) -> dict:
-    """The per-row steps of the notebook (normalize, rule filters, PII) on one `datasets` batch."""
-    scrubber = _WORKER_SCRUBBER.get(pii_min_score) or _WORKER_SCRUBBER.setdefault(
-        pii_min_score, PiiScrubber(pii_min_score))
-    patterns = [re.compile(p, re.M) for p in boilerplate]
-    questions = [normalize_text(q) for q in batch["question"]]
-    answers = [normalize_text(a) for a in batch["answer"]]
-    lengths = data.token_lengths(answers, tokenizer)
-    out = {"question": [], "answer": [], "answer_tokens": lengths, "reason": [], "pii": [], "hash": []}
-    for q, a, n in zip(questions, answers, lengths, strict=True):
-        if any(p.search(a) for p in patterns):
-            reason = "boilerplate"
-        elif repeat_overlap(q, a) >= repeat_overlap_max:
-            reason = "repeats_question"
-        elif n < min_tokens:
-            reason = "too_short"
-        elif n > max_tokens:
-            reason = "too_long"
-        else:
-            reason = ""
-        pii = 0
-        if not reason:
-            (q, cq), (a, ca) = scrubber.scrub(q), scrubber.scrub(a)
-            pii = sum((cq + ca).values())
-        out["question"].append(q)
-        out["answer"].append(a)
-        out["reason"].append(reason)
-        out["pii"].append(pii)
-        out["hash"].append(_hash(q + "\n" + a))
-    return out
-
-
-def stream_curate(files: list[str | Path], out_path: Path, *, tokenizer, min_tokens: int, max_tokens: int,
-                  repeat_overlap_max: float, boilerplate: list[str], pii_min_score: float = 0.3,
-                  num_proc: int = 1, cache_dir: str | None = None) -> dict:
-    """The per-row curation steps over files larger than memory: rows stream from disk into an Arrow cache,
-    `datasets.map(num_proc=…)` runs the same functions as the notebook in parallel, exact duplicates go by
-    hash, and the result streams to `out_path`. Returns the counts per step."""
-    from datasets import Dataset
-
-    ds = Dataset.from_generator(_stream_rows, gen_kwargs={"files": [str(f) for f in files]}, cache_dir=cache_dir)
-    counts = {"rows_in": len(ds)}
-    ds = ds.filter(lambda b: [p == "" for p in b["problem"]], batched=True, num_proc=num_proc)
-    counts["invalid rows"] = counts["rows_in"] - len(ds)
-    ds = ds.map(_clean_batch, batched=True, batch_size=500, num_proc=num_proc, remove_columns=["problem"],
-                fn_kwargs={"tokenizer": tokenizer, "min_tokens": min_tokens, "max_tokens": max_tokens,
-                           "repeat_overlap_max": repeat_overlap_max, "boilerplate": boilerplate,
-                           "pii_min_score": pii_min_score})
-    counts |= Counter(r for r in ds["reason"] if r)
-    ds = ds.filter(lambda b: [r == "" for r in b["reason"]], batched=True, num_proc=num_proc)
-    seen: set[str] = set()
-    first = [i for i, h in enumerate(ds["hash"]) if not (h in seen or seen.add(h))]
-    counts["exact_duplicate"] = len(ds) - len(first)
-    counts["pii_spans"] = sum(ds["pii"])
-    ds = ds.select(first).remove_columns(["reason", "hash", "pii"])
-    with atomic_write(out_path) as tmp:
-        ds.to_json(str(tmp), lines=True, force_ascii=False)
-    counts["rows_out"] = len(ds)
-    return counts

@@ -75,28 +75,33 @@ def check_row(obj, kind: str) -> list[tuple[str, str]]:
     return problems
 
 
+def parse_line(raw: bytes, path: str, n: int, kind: str) -> tuple[dict | None, str, list[Problem]]:
+    """One line of a JSONL file: (row or None, the line as text, problems). Every reader of raw rows uses this,
+    the in-memory one below and the datatrove reader of `curate_scale`."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, raw.decode("utf-8", "replace"), [
+            Problem(path, n, "(row)", f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")]
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        column = e.pos + 1  # 1-based character column in this line
+        return None, line, [Problem(path, n, "(row)", f"malformed JSON ({e.msg} at column {column})")]
+    problems = [Problem(path, n, f, r) for f, r in check_row(obj, kind)]
+    return (None if problems else obj), line, problems
+
+
 def read_jsonl(path: str | Path, kind: str) -> Iterator[tuple[int, dict | None, str, list[Problem]]]:
     """Stream a JSONL file: (line number, row or None, raw line, problems). Blank lines are skipped."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     with open(path, "rb") as fh:
         for n, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield n, None, raw.decode("utf-8", "replace"), [
-                    Problem(str(path), n, "(row)", f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")]
+            if not raw.decode("utf-8", "replace").strip():
                 continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                column = e.pos + 1  # 1-based character column in this line
-                yield n, None, line, [Problem(str(path), n, "(row)", f"malformed JSON ({e.msg} at column {column})")]
-                continue
-            problems = [Problem(str(path), n, f, r) for f, r in check_row(obj, kind)]
-            yield n, (None if problems else obj), line, problems
+            row, line, problems = parse_line(raw, str(path), n, kind)
+            yield n, row, line, problems
 
 
 def validate_file(path: str | Path, kind: str) -> tuple[int, list[Problem]]:
