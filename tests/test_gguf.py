@@ -66,7 +66,7 @@ def test_corrupt_weights_fail_conversion_without_output(tmp_path, hf_dir):
     shutil.copytree(hf_dir, folder)
     weights = next(folder.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:4096])
-    with pytest.raises(GGUFError, match="convert_hf_to_gguf.py failed"):
+    with pytest.raises(GGUFError, match=r"convert_hf_to_gguf.py on .* failed"):
         au.gguf.convert(folder, tmp_path / "x.gguf")
     assert not list(tmp_path.glob("*x.gguf*"))
 
@@ -105,7 +105,8 @@ def test_a_full_disk_names_the_file_leaves_nothing_and_the_next_run_redoes_it(hf
     with pytest.raises(GGUFError) as caught:
         au.gguf.quantize(f16, out, "Q8_0")
     message = str(caught.value)
-    assert str(out) in message and "the disk is full" in message and "failed to quantize" in message, message
+    # llama.cpp's own reason follows only when its log reaches stderr (a test that loaded a quiet Llama silences it)
+    assert str(out) in message and "the disk is full" in message, message
     with pytest.raises(GGUFError) as caught:
         au.gguf.convert(hf_dir, tiny_disk / "model-F16.gguf")
     message = str(caught.value)

@@ -47,7 +47,7 @@ def test_smoke_run_executes_every_stage(smoke_run):
     assert m["02_sft"]["precision_choice"]["by"] == "measured" and m["02_sft"]["device"] == "cpu"
     assert m["03_dpo"]["steps"] == 3 and "eval_rewards/accuracies" in m["03_dpo"]["eval"]
     assert m["04_merge"]["check"]["greedy_identical"] == m["04_merge"]["check"]["prompts"] == 2
-    assert [v["status"] for v in m["05_serve_vllm"]["refused"].values()] == [401, 404, 400, 400]
+    assert sorted(v["status"] for v in m["05_serve_vllm"]["refused"].values()) == [400, 400, 401, 404]  # JSON sorts
     assert m["06_gguf"]["serve_quant"] in {level["level"] for level in m["06_gguf"]["levels"]}
     assert m["07_serve_cpu"]["errors"]["wrong key"]["status"] == 401 and m["07_serve_cpu"]["load_test"]
     ladder = json.loads((run_dir / "06_gguf" / "quants.json").read_text())
