@@ -162,10 +162,23 @@ class SFT(Train):
     accelerate_config: str = str(PROJECT / "params" / "accelerate" / "ddp_cpu.yaml")
 
 
+class Sampling(Section):
+    """llama-server's repetition controls, sent with every request (see `generation`)."""
+
+    repeat_penalty: float = Field(1.0, ge=1.0, le=2.0, description="token-level; 1.0 = off")
+    repeat_last_n: int = Field(64, ge=0, description="tokens the repeat penalty looks back over")
+    dry_multiplier: float = Field(0.0, ge=0, description="DRY sequence-repetition penalty; 0 = off")
+    dry_base: float = Field(1.75, ge=1.0)
+    dry_allowed_length: int = Field(2, ge=1, description="a repeat longer than this is penalized")
+
+
 class DPO(Train):
     beta: float = Field(0.1, gt=0)
     sft_weight: float = Field(0.0, ge=0)  # > 0: add the chosen answers' NLL, weighted (RPO), to the DPO loss
     eval_steps: int = Field(50, ge=1)
+    rejected: Literal["curated", "policy"] = Field(
+        "curated", description="curated: 01's rejected answers; policy: the SFT model's own, made in 03 (on-policy)")
+    rejected_sampling: Sampling = Sampling()  # how the policy answers (llama-server fields); default: plain greedy
 
 
 class Merge(Section):
@@ -204,16 +217,6 @@ class GGUF(Section):
         if self.serve_quant not in allowed:
             raise ValueError(f"serve_quant {self.serve_quant!r} is not one of {sorted(allowed)}")
         return self
-
-
-class Sampling(Section):
-    """llama-server's repetition controls, sent with every request (see `generation`)."""
-
-    repeat_penalty: float = Field(1.0, ge=1.0, le=2.0, description="token-level; 1.0 = off")
-    repeat_last_n: int = Field(64, ge=0, description="tokens the repeat penalty looks back over")
-    dry_multiplier: float = Field(0.0, ge=0, description="DRY sequence-repetition penalty; 0 = off")
-    dry_base: float = Field(1.75, ge=1.0)
-    dry_allowed_length: int = Field(2, ge=1, description="a repeat longer than this is penalized")
 
 
 class Generation(Section):

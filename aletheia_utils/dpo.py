@@ -8,10 +8,13 @@ and a reference forward, and the evaluations before and after training share one
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from trl import DPOTrainer
 
 from . import config as config_mod
-from . import data, pipeline, training
+from . import data, generation, gguf, merge, pipeline, serve, training
 
 
 def fit_pairs(rows: list[dict], tokenizer, max_len: int, policy: str) -> tuple[list[dict], int]:
@@ -28,6 +31,53 @@ def records(rows: list[dict]) -> list[dict]:
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
 
 
+def policy_answers(cfg: config_mod.Config, adapter: Path, prompts: list[str]) -> list[generation.Answer]:
+    """The SFT policy's own answers to `prompts`, up to `data.rejected_max_tokens` tokens. The embedded model: merged,
+    converted to an F16 GGUF and decoded on llama-server's slots with `dpo.rejected_sampling` (the fast path on a CPU);
+    any other model: transformers `generate`, plain greedy, on the adapter model."""
+    import tempfile
+
+    model, tokenizer = merge.load_adapter_model(cfg.run.base_model, adapter)
+    limit = cfg.data.rejected_max_tokens
+    if not cfg.run.base_model.startswith("embedded:"):
+        return generation.hf_answers(model, tokenizer, prompts, "chat_template", max_new_tokens=limit)
+    with tempfile.TemporaryDirectory(prefix=".policy-", dir=adapter.parent) as tmp:
+        folder = merge.save_merged(model, tokenizer, Path(tmp) / "merged")
+        del model
+        with serve.llama_server(gguf.convert(folder, Path(tmp) / "policy-F16.gguf"), parallel=cfg.serve.parallel,
+                                ctx_size=cfg.dpo.max_seq_length + limit, threads=pipeline.use_threads(cfg)) as server:
+            answers = generation.server_answers(
+                server, prompts, max_new_tokens=limit, sampling=cfg.dpo.rejected_sampling.model_dump(),
+                concurrency=cfg.serve.parallel, timeout=cfg.serve.request_timeout_s)[0]
+            if None in answers:
+                raise RuntimeError(f"llama-server failed {answers.count(None)} of {len(prompts)} policy answers; "
+                                   f"last lines of its log:\n{server.log_tail()}")
+    return answers
+
+
+def policy_pairs(cfg: config_mod.Config, paths: pipeline.RunPaths) -> dict[str, Path]:
+    """On-policy pairs (`dpo.rejected: policy`): 01's pairs with each rejected answer replaced by the SFT policy's own
+    answer to the prompt (`policy_answers`), in `03_dpo/pairs/`. DPO then pushes down what this model actually does
+    (its loops, its unfinished answers) rather than what the base model did. Made once per SFT adapter, data and
+    settings; a rerun with the same inputs reads them back. Returns {"dpo": train file, "dpo_val": validation file}."""
+    src, adapter, out = paths.root / "01_curate", paths.root / "02_sft" / "adapter", paths.stage("03_dpo") / "pairs"
+    names = ("dpo", "dpo_val")
+    key = training.fingerprint(cfg.run.base_model, cfg.data.rejected_max_tokens, cfg.dpo.rejected_sampling.model_dump(),
+                               files=(*(src / f"{n}.jsonl" for n in names), adapter / "adapter_model.safetensors"))
+    made = {n: out / f"{n}.jsonl" for n in names}
+    stamp = out / "made_from.json"
+    if all(p.is_file() for p in (stamp, *made.values())) and json.loads(stamp.read_text())["fingerprint"] == key:
+        return made
+    rows = {n: data.load_split(src / f"{n}.jsonl", "dpo") for n in names}
+    answers = iter(policy_answers(cfg, adapter, [r["prompt"] for n in names for r in rows[n]]))
+    for n in names:
+        own = [{**r, "rejected": a.text, "rejected_source": "sft_policy", "rejected_ended": a.ended}
+               for r, a in zip(rows[n], [next(answers) for _ in rows[n]], strict=True)]
+        data.write_jsonl(made[n], [r for r in own if r["rejected"].strip() and r["rejected"].strip() != r["chosen"]])
+    pipeline.write_json(stamp, {"fingerprint": key})
+    return made
+
+
 class CrashSafeDPOTrainer(training.CrashSafeMixin, training.FastStepMixin, DPOTrainer):
     """TRL's `DPOTrainer` with crash-safe checkpoints (`fingerprint=`) and bf16 activations fed to LoRA as they come."""
 
@@ -40,11 +90,13 @@ def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> training.Prepar
     from peft import PeftModel
 
     d, stage = cfg.dpo, paths.stage("03_dpo")
-    data_dir, adapter = paths.root / "01_curate", paths.root / "02_sft" / "adapter"
-    train_rows = data.load_split(data_dir / "dpo.jsonl", "dpo")
-    val_rows = data.load_split(data_dir / "dpo_val.jsonl", "dpo")
+    adapter = paths.root / "02_sft" / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise training.TrainingDataError(f"{adapter}: no SFT adapter (run 02_sft first)")
+    pairs = policy_pairs(cfg, paths) if d.rejected == "policy" else {
+        n: paths.root / "01_curate" / f"{n}.jsonl" for n in ("dpo", "dpo_val")}
+    train_rows = data.load_split(pairs["dpo"], "dpo")
+    val_rows = data.load_split(pairs["dpo_val"], "dpo")
     device = training.training_device(cfg.run.device)
     choice = training.choose_precision(d.precision, device)
     precision = choice["precision"]
@@ -60,10 +112,10 @@ def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> training.Prepar
         model=model, tokenizer=tokenizer, train_dataset=Dataset.from_list(records(train_rows)),
         eval_dataset=Dataset.from_list(records(val_rows)), args=args, callbacks=training.callbacks(stage),
         fingerprint=training.fingerprint(d.model_dump(), cfg.run.base_model, cfg.run.seed, files=(
-            data_dir / "dpo.jsonl", data_dir / "dpo_val.jsonl", adapter / "adapter_model.safetensors")),
+            pairs["dpo"], pairs["dpo_val"], adapter / "adapter_model.safetensors")),
         info={"train_pairs": len(train_rows), "validation_pairs": len(val_rows),
               "device": device, "precision": precision, "precision_choice": choice,
-              "beta": d.beta, "sft_weight": d.sft_weight,
+              "beta": d.beta, "sft_weight": d.sft_weight, "rejected": d.rejected,
               "overlong": {"policy": d.overlong, "train": over_train, "validation": over_val}})
 
 

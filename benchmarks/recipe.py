@@ -2,15 +2,17 @@
 split only (the eval split is 08's and never chooses anything).
 
     .venv/bin/python benchmarks/recipe.py --run-dir runs/recipe [--decoding NAME=JSON …] \
-        [--variant 'sft.learning_rate=1e-3 sft.max_steps=60' …] [--dpo] [--name recipe]
+        [--variant 'sft.learning_rate=1e-3 sft.max_steps=60' …] [--dpo] [--dpo-variant 'dpo.rejected=policy' …] \
+        [--name recipe]
 
 The base model answers every validation prompt under each decoding (llama-server sampler fields, plus `temperature`
 and `samples`: answers per prompt, seeds run.seed + j, metrics averaged per prompt; the decoding every model then
-shares). Each `--variant` (params overrides, as `aletheia run --set`) trains 02's SFT from the run's
-curated data in a scratch folder, then (with `--dpo`) 03's DPO on top; each trained model answers the same prompts
-under the same decodings. Per model: validation loss, ROUGE-L and embedding similarity to the references, the share of
-answers that ended on their own, repeated 4-grams, length against the reference, and the paired difference against
-the base with its bootstrap 95% interval. Results go to benchmarks/results/<name>.json as each model finishes.
+shares). Each `--variant` (params overrides, as `aletheia run --set`) trains 02's SFT from the run's curated data in a
+scratch folder, then (with `--dpo`) 03's DPO on top, once per `--dpo-variant` on that same SFT model; each trained
+model answers the same prompts under the same decodings. Per model: validation loss, ROUGE-L and embedding
+similarity to the references, the share of answers that ended on their own, repeated 4-grams, length against the
+reference, and the paired difference against the base with its bootstrap 95% interval. Results go to
+benchmarks/results/<name>.json as each model finishes.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ def main() -> None:
                              "(default: the params' eval.generation)")
     parser.add_argument("--variant", action="append", default=[], help="params overrides, space-separated")
     parser.add_argument("--dpo", action="store_true", help="also train 03's DPO on each SFT variant")
+    parser.add_argument("--dpo-variant", action="append", default=[],
+                        help="DPO-only overrides, each trained on the same SFT model (implies --dpo)")
     parser.add_argument("--limit", type=int, help="validation prompts answered (default all)")
     parser.add_argument("--name", default="recipe")
     args = parser.parse_args()
@@ -108,11 +112,12 @@ def main() -> None:
     base = scored(au.models.resolve(cfg.run.base_model), cfg, prompts, references, embed, decodings)
     result["models"]["base"] = {"scores": base}
     save()
+    dpo_specs = args.dpo_variant or ([""] if args.dpo else [])
     for spec in args.variant:
-        vcfg = au.config.load(args.params, shlex.split(spec))
         with common.scratch_run(source, "01_curate") as root:
-            for stage in ("02_sft", "03_dpo") if args.dpo else ("02_sft",):
-                label = f"{stage[3:]}[{spec}]"
+            for stage, extra in [("02_sft", "")] + [("03_dpo", d) for d in dpo_specs]:
+                vcfg = au.config.load(args.params, shlex.split(f"{spec} {extra}"))
+                label = f"{stage[3:]}[{spec}{' | ' + extra if extra else ''}]"
                 print(label, flush=True)
                 trainer, val, seconds = train(stage, vcfg, root)
                 del trainer
@@ -120,7 +125,8 @@ def main() -> None:
                 model, tok = au.merge.load_adapter_model(vcfg.run.base_model, root / stage / "adapter")
                 merged = au.merge.save_merged(model, tok, root / stage / "merged")  # as 04_merge does
                 res = scored(merged, vcfg, prompts, references, embed, decodings)
-                result["models"][label] = {"overrides": spec, "validation": val, "train_s": seconds, "scores": res,
+                result["models"][label] = {"overrides": f"{spec} {extra}".strip(), "validation": val,
+                                           "train_s": seconds, "scores": res,
                                            "vs_base": {d: au.evaluate.paired_differences(
                                                r["per_prompt"], base[d]["per_prompt"], KEYS,
                                                cfg.eval.bootstrap_samples, cfg.run.seed) for d, r in res.items()}}

@@ -155,6 +155,31 @@ def test_dpo_sft_weight_adds_the_chosen_answers_nll(tmp_path):
 
 
 @pytest.mark.slow
+def test_dpo_on_policy_pairs_are_the_sft_models_own_answers(tmp_path):
+    params, run_dir = make_run(tmp_path, {"sft.max_steps": 1, "data.rejected_max_tokens": 24}, n_train=4)
+    trainer, _ = build(params, run_dir)
+    training.fit(trainer, run_dir / "02_sft" / "checkpoints")
+    training.save_adapter(trainer, trainer.processing_class, run_dir / "02_sft" / "adapter")
+    pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "It depends."} for r in corpus_rows(3)]
+    for name in ("dpo.jsonl", "dpo_val.jsonl"):
+        data.write_jsonl(run_dir / "01_curate" / name, pairs)
+    cfg = config.load(params, {"dpo.rejected": "policy"})
+    paths = pipeline.RunPaths.for_run(cfg, run_dir)
+    made = dpo.policy_pairs(cfg, paths)
+    rows = data.load_split(made["dpo"], "dpo")
+    assert [r["chosen"] for r in rows] == [p["chosen"] for p in pairs]
+    assert {r["rejected_source"] for r in rows} == {"sft_policy"} and "It depends." not in {r["rejected"] for r in rows}
+    assert max(r["rejected"].count(" ") for r in rows) < 40  # cut at data.rejected_max_tokens = 24
+    stamp = made["dpo"].stat().st_mtime_ns
+    assert dpo.policy_pairs(cfg, paths) == made and made["dpo"].stat().st_mtime_ns == stamp  # same inputs: reused
+    _, info = dpo.build_trainer(cfg, paths)
+    assert info["rejected"] == "policy" and info["train_pairs"] == len(rows)
+    again = config.load(params, {"dpo.rejected": "policy", "dpo.rejected_sampling.repeat_penalty": 1.3})
+    dpo.policy_pairs(again, paths)
+    assert made["dpo"].stat().st_mtime_ns != stamp  # another decoding: made again
+
+
+@pytest.mark.slow
 def test_lora_trains_on_an_8bit_base(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.load_in_8bit": True, "sft.max_steps": 1, "sft.precision": "fp32"},
                                n_train=4)
