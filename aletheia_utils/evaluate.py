@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import openai
 
-from . import data, generation, pipeline, serve
+from . import data, files, generation, pipeline, serve
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 OWN_TASKS = ("aletheia_mc", "aletheia_pref", "aletheia_ppl", "aletheia_humaneval")
@@ -197,10 +197,7 @@ def run_tasks(lm, tasks: Sequence[str], tm, *, limit: int | None, max_gen_toks: 
                 why = f"failed: {reason(e)}"
         merged["skipped"][task] = why
         summary[task] = {"skipped": why}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(merged, indent=2, default=handle_non_serializable), encoding="utf-8")
-    tmp.replace(out)
+    files.write_text(out, json.dumps(merged, indent=2, default=handle_non_serializable))
     return summary
 
 
@@ -554,20 +551,16 @@ def summary_markdown(run: str, metrics: dict, examples: str, figures: Sequence[s
 
 
 def write_report(paths: pipeline.RunPaths, metrics: dict, figures: dict, examples: str) -> Path:
-    """`report/`: metrics.json, one PNG per figure and summary.md (`summary_markdown`); each file written to a
-    temporary name and renamed into place."""
+    """`report/`: metrics.json, one PNG per figure and summary.md (`summary_markdown`), each through
+    `files.atomic_write`."""
     report = paths.root / "report"
-    report.mkdir(parents=True, exist_ok=True)
     for old in report.glob("*.png"):  # a figure this run did not draw must not survive from an earlier one
         if old.stem not in figures:
             old.unlink()
     for name, fig in figures.items():
-        tmp = report / f".{name}.tmp-{os.getpid()}.png"
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(report / f"{name}.png")
+        with files.atomic_write(report / f"{name}.png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     pipeline.write_json(report / "metrics.json", metrics)
-    tmp = report / f".summary.md.tmp-{os.getpid()}"
-    tmp.write_text(summary_markdown(paths.root.name, metrics, examples, list(figures), html_links(paths, report)),
-                   encoding="utf-8")
-    tmp.replace(report / "summary.md")
+    files.write_text(report / "summary.md",
+                     summary_markdown(paths.root.name, metrics, examples, list(figures), html_links(paths, report)))
     return report
