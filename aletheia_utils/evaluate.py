@@ -302,6 +302,12 @@ def sample_mean(per_sample: Sequence[Sequence[dict | None]]) -> list[dict | None
     return out
 
 
+def per_prompt_metrics(runs: Sequence[Sequence[generation.Answer | None]], references: Sequence[str],
+                       embed) -> list[dict | None]:
+    """`answer_metrics` of each sample run (one answer per prompt each), then per prompt their `sample_mean`."""
+    return sample_mean([answer_metrics(run, references, embed) for run in runs])
+
+
 def summarize(metrics: Sequence[dict | None]) -> dict[str, float | int]:
     """Means over the answered prompts (`ended` is the share that ended on their own), and the share of answers
     with each kind of structure."""

@@ -258,6 +258,14 @@ def test_sample_mean_averages_each_prompt_over_its_answered_samples():
         ev.sample_mean([first, second[:2]])
 
 
+def test_per_prompt_metrics_average_each_prompt_over_its_sample_runs():
+    answer = au.generation.Answer
+    runs = [[answer("one two three four", 5, True), None], [answer("one two", 3, False), None]]
+    per = ev.per_prompt_metrics(runs, ["one two three four"] * 2, lambda texts: np.full((len(texts), 4), 0.5))
+    assert per[1] is None, "no sample answered the second prompt"
+    assert (per[0]["ended"], per[0]["tokens"], per[0]["length_ratio"]) == (0.5, 4.0, 0.75)
+    assert per[0]["rouge_l"] == pytest.approx((1 + 2 / 3) / 2)  # ROUGE-L F1 of the full answer, then of half of it
+
 def _prompts(n=48, seed=1):
     """Per-prompt metrics of a made-up model on `n` prompts."""
     rng = np.random.default_rng(seed)
