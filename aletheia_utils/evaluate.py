@@ -556,10 +556,22 @@ def summary_markdown(run: str, metrics: dict, examples: str, figures: Sequence[s
     return "\n".join(text) + "\n"
 
 
-def write_report(paths: pipeline.RunPaths, metrics: dict, figures: dict, examples: str) -> Path:
-    """`report/`: metrics.json, one PNG per figure and summary.md (`summary_markdown`), each through
-    `files.atomic_write`."""
+def report_metrics(paths: pipeline.RunPaths, measured: dict) -> dict:
+    """`measured` (08's numbers: models, answers_from, skipped_tasks, lm_eval, comparisons, …) with what the report
+    derives from them: the win rule, what did not run (`not_run`, answers included) and 06's ladder (`ladder_rows`
+    of its quants.json, or none)."""
+    statuses = measured["models"] | {f"{m} (answers)": s for m, s in measured["answers_from"].items()}
+    quants = paths.root / "06_gguf" / "quants.json"
+    return measured | {"win_rule": WIN_RULE,
+                       "not_run": not_run(measured["skipped_tasks"], statuses, measured["lm_eval"]),
+                       "quant_ladder": ladder_rows(json.loads(quants.read_text())) if quants.exists() else []}
+
+
+def write_report(paths: pipeline.RunPaths, measured: dict, figures: dict, examples: str) -> Path:
+    """`report/`: metrics.json (`report_metrics`), one PNG per figure and summary.md (`summary_markdown`), each
+    through `files.atomic_write`."""
     report = paths.root / "report"
+    metrics = report_metrics(paths, measured)
     for old in report.glob("*.png"):  # a figure this run did not draw must not survive from an earlier one
         if old.stem not in figures:
             old.unlink()
