@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import openai
 
-from . import data, generation, pipeline, serve
+from . import data, files, generation, pipeline, serve
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 OWN_TASKS = ("aletheia_mc", "aletheia_pref", "aletheia_ppl", "aletheia_humaneval")
@@ -197,10 +197,7 @@ def run_tasks(lm, tasks: Sequence[str], tm, *, limit: int | None, max_gen_toks: 
                 why = f"failed: {reason(e)}"
         merged["skipped"][task] = why
         summary[task] = {"skipped": why}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(merged, indent=2, default=handle_non_serializable), encoding="utf-8")
-    tmp.replace(out)
+    files.write_text(out, json.dumps(merged, indent=2, default=handle_non_serializable))
     return summary
 
 
@@ -303,6 +300,12 @@ def sample_mean(per_sample: Sequence[Sequence[dict | None]]) -> list[dict | None
         got = [r for r in rows if r is not None]
         out.append({k: float(np.mean([r[k] for r in got])) for k in got[0]} if got else None)
     return out
+
+
+def per_prompt_metrics(runs: Sequence[Sequence[generation.Answer | None]], references: Sequence[str],
+                       embed) -> list[dict | None]:
+    """`answer_metrics` of each sample run (one answer per prompt each), then per prompt their `sample_mean`."""
+    return sample_mean([answer_metrics(run, references, embed) for run in runs])
 
 
 def summarize(metrics: Sequence[dict | None]) -> dict[str, float | int]:
@@ -553,21 +556,29 @@ def summary_markdown(run: str, metrics: dict, examples: str, figures: Sequence[s
     return "\n".join(text) + "\n"
 
 
-def write_report(paths: pipeline.RunPaths, metrics: dict, figures: dict, examples: str) -> Path:
-    """`report/`: metrics.json, one PNG per figure and summary.md (`summary_markdown`); each file written to a
-    temporary name and renamed into place."""
+def report_metrics(paths: pipeline.RunPaths, measured: dict) -> dict:
+    """`measured` (08's numbers: models, answers_from, skipped_tasks, lm_eval, comparisons, …) with what the report
+    derives from them: the win rule, what did not run (`not_run`, answers included) and 06's ladder (`ladder_rows`
+    of its quants.json, or none)."""
+    statuses = measured["models"] | {f"{m} (answers)": s for m, s in measured["answers_from"].items()}
+    quants = paths.root / "06_gguf" / "quants.json"
+    return measured | {"win_rule": WIN_RULE,
+                       "not_run": not_run(measured["skipped_tasks"], statuses, measured["lm_eval"]),
+                       "quant_ladder": ladder_rows(json.loads(quants.read_text())) if quants.exists() else []}
+
+
+def write_report(paths: pipeline.RunPaths, measured: dict, figures: dict, examples: str) -> Path:
+    """`report/`: metrics.json (`report_metrics`), one PNG per figure and summary.md (`summary_markdown`), each
+    through `files.atomic_write`."""
     report = paths.root / "report"
-    report.mkdir(parents=True, exist_ok=True)
+    metrics = report_metrics(paths, measured)
     for old in report.glob("*.png"):  # a figure this run did not draw must not survive from an earlier one
         if old.stem not in figures:
             old.unlink()
     for name, fig in figures.items():
-        tmp = report / f".{name}.tmp-{os.getpid()}.png"
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(report / f"{name}.png")
+        with files.atomic_write(report / f"{name}.png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     pipeline.write_json(report / "metrics.json", metrics)
-    tmp = report / f".summary.md.tmp-{os.getpid()}"
-    tmp.write_text(summary_markdown(paths.root.name, metrics, examples, list(figures), html_links(paths, report)),
-                   encoding="utf-8")
-    tmp.replace(report / "summary.md")
+    files.write_text(report / "summary.md",
+                     summary_markdown(paths.root.name, metrics, examples, list(figures), html_links(paths, report)))
     return report

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 
 def _fig(width: float = 7, height: float = 3.5):
@@ -106,20 +107,59 @@ def training_curves(records: Sequence[Mapping], panels: Mapping[str, Sequence[st
     return fig
 
 
+def _along(xy: np.ndarray, step: float = 2.0) -> np.ndarray:
+    """Points every `step` pixels along a polyline given in display coordinates."""
+    parts = [xy[:1]]
+    for a, b in zip(xy[:-1], xy[1:], strict=True):
+        parts.append(np.linspace(a, b, max(2, int(np.hypot(*(b - a)) / step))))
+    return np.concatenate(parts)
+
+
+def _label_points(ax, points: Sequence[tuple[float, float]], labels: Sequence[str]) -> None:
+    """Write each label beside its point, at the first place (upper right, lower left, right, left, …) inside the
+    axes that covers no other label, no legend and no plotted line; where none is free, at the least bad one."""
+    fig = ax.figure
+    fig.canvas.draw()  # settles the layout and the limits the places are measured in
+    ax.set(xlim=ax.get_xlim(), ylim=ax.get_ylim())
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    taken = [ax.get_legend().get_window_extent(renderer)] if ax.get_legend() else []
+    drawn = np.concatenate([np.zeros((0, 2)), *(_along(line.get_transform().transform(line.get_xydata()))
+                                                for line in ax.lines)])
+    for point, label in zip(points, labels, strict=True):
+        best = None
+        for dx, dy in ((5, 3), (-5, -3), (7, 0), (-7, 0), (5, -3), (-5, 3), (0, 6), (0, -6)):
+            text = ax.annotate(label, point, xytext=(dx, dy), textcoords="offset points", fontsize=8, in_layout=False,
+                               ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                               va="bottom" if dy > 0 else "top" if dy < 0 else "center")
+            box = text.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            cost = (not inside, sum(box.overlaps(t) for t in taken), box.padded(2).count_contains(drawn))
+            if best is not None and cost >= best[0]:
+                text.remove()
+                continue
+            if best is not None:
+                best[1].remove()
+            best = (cost, text, box)
+            if cost == (False, 0, 0):
+                break
+        taken.append(best[2])
+
+
 def quant_ladder(rows: Sequence[Mapping], reference: float | None = None):
     """File size against held-out perplexity for each GGUF level (06_gguf); `reference` = the HF model's."""
     fig, ax = _fig(6, 3.5)
     sizes = [r["size_bytes"] / 2**20 for r in rows]
     ppl = [r["perplexity"] for r in rows]
     ax.plot(sizes, ppl, "o-", color="tab:blue")
-    for s, p, r in zip(sizes, ppl, rows, strict=True):
-        ax.annotate(f" {r['level']}\n {r['bpw']:.2f} bpw", (s, p), fontsize=8)
     if reference is not None:
         ax.axhline(reference, color="grey", ls="--", lw=1, label="merged HF model (fp32)")
-        ax.legend(loc="upper right")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.margins(x=0.15, y=0.35)  # room for the labels inside the axes, clear of the title
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("perplexity on held-out responses")
     ax.set_title("Quantization ladder: size against quality")
+    _label_points(ax, list(zip(sizes, ppl, strict=True)), [f"{r['level']} · {r['bpw']:.2f} bpw" for r in rows])
     return fig
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from . import config as config_mod
-from . import data, models, pipeline
+from . import data, files, models, pipeline
 
 COMPLETE = "COMPLETE"  # marker file: this checkpoint was fully written and synced
 
@@ -377,19 +377,15 @@ def validation_curve(records: list[dict], key: str = "eval_loss") -> list[float]
 
 
 def save_adapter(trainer, tokenizer, target: Path) -> Path:
-    """Save the trained adapter and tokenizer atomically into `target`."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Save the trained adapter and tokenizer into `target` through `files.atomic_write`: an earlier adapter there
+    is replaced only by a complete one."""
     try:
-        trainer.model.save_pretrained(tmp, selected_adapters=["default"])  # not DPO's frozen "ref" copy
-        tokenizer.save_pretrained(tmp)
+        with files.atomic_write(target) as tmp:
+            trainer.model.save_pretrained(tmp, selected_adapters=["default"])  # not DPO's frozen "ref" copy
+            tokenizer.save_pretrained(tmp)
     except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{target}: the adapter could not be written ({_write_failure(e)}); "
                               "nothing of it was kept") from e
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
     return target
 
 

@@ -258,6 +258,14 @@ def test_sample_mean_averages_each_prompt_over_its_answered_samples():
         ev.sample_mean([first, second[:2]])
 
 
+def test_per_prompt_metrics_average_each_prompt_over_its_sample_runs():
+    answer = au.generation.Answer
+    runs = [[answer("one two three four", 5, True), None], [answer("one two", 3, False), None]]
+    per = ev.per_prompt_metrics(runs, ["one two three four"] * 2, lambda texts: np.full((len(texts), 4), 0.5))
+    assert per[1] is None, "no sample answered the second prompt"
+    assert (per[0]["ended"], per[0]["tokens"], per[0]["length_ratio"]) == (0.5, 4.0, 0.75)
+    assert per[0]["rouge_l"] == pytest.approx((1 + 2 / 3) / 2)  # ROUGE-L F1 of the full answer, then of half of it
+
 def _prompts(n=48, seed=1):
     """Per-prompt metrics of a made-up model on `n` prompts."""
     rng = np.random.default_rng(seed)
@@ -392,18 +400,20 @@ def test_report_opens_with_the_verdict_then_answers_then_tables(tmp_path):
                                {"base": [answer("It writes.", 3, True)], "dpo": [answer("It flushes " * 4, 16, False)],
                                 "gguf": [None]})
     decoding = {"max_new_tokens": 320, "sampling": {"repeat_penalty": 1.1, "dry_multiplier": 0.8}}
-    metrics = {"comparisons": comparisons, "decoding": decoding,
-               "num_prompts": 48, "tie_margin": 0.02, "answers": {"base": {"answered": 48, "rouge_l": 0.123456}},
-               "lm_eval": results,
-               "not_run": missing, "quant_ladder": ev.ladder_rows([{"level": "Q4_K_M", "size_bytes": 105_477_120,
-                                                                    "bpw": 6.1734, "perplexity": 28.53123,
-                                                                    "greedy_agreement": 0.859}])}
+    measured = {"comparisons": comparisons, "decoding": decoding,
+                "num_prompts": 48, "tie_margin": 0.02, "answers": {"base": {"answered": 48, "rouge_l": 0.123456}},
+                "lm_eval": results, "skipped_tasks": {"hellaswag": "not available offline"},
+                "models": {"base": "evaluated in 3 s", "sft": "not evaluated: no adapter"},
+                "answers_from": {"base": "base-F16.gguf, 9 s", "gguf": "not evaluated: no answers: no server"}}
+    au.pipeline.write_json(tmp_path / "06_gguf" / "quants.json", [{"level": "Q4_K_M", "size_bytes": 105_477_120,
+                                                                  "bpw": 6.1734, "perplexity": 28.53123,
+                                                                  "greedy_agreement": 0.859}])
     figures = {"task_scores": au.plots.task_scores(results, ev.HEADLINE),
                "paired_differences": au.plots.paired_differences(comparisons, {"rouge_l": "ROUGE-L",
                                                                                "ended": "ended"})}
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "quant_ladder.png").write_bytes(b"from an earlier run")
-    report = ev.write_report(paths, metrics, figures, examples)
+    report = ev.write_report(paths, measured, figures, examples)
     for fig in figures.values():
         plt.close(fig)
     summary = (report / "summary.md").read_text()
@@ -423,5 +433,9 @@ def test_report_opens_with_the_verdict_then_answers_then_tables(tmp_path):
     assert "[01_curate](../html/01_curate.html)" in summary
     assert "![paired_differences](paired_differences.png)" in summary
     assert (report / "task_scores.png").stat().st_size > 1000 and (report / "paired_differences.png").is_file()
-    assert json.loads((report / "metrics.json").read_text())["lm_eval"] == results
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["lm_eval"] == results and metrics["win_rule"] == ev.WIN_RULE
+    assert [r["item"] for r in metrics["not_run"]] == ["hellaswag", "sft", "gguf (answers)", "gguf / aletheia_mc"]
+    assert metrics["quant_ladder"] == [{"level": "Q4_K_M", "size_mib": 100.6, "bpw": 6.1734, "perplexity": 28.53123,
+                                        "greedy_agreement": 0.859}], "sizes in MiB; the JSON keeps the full values"
     assert not list(report.glob(".*tmp*")) and not (report / "quant_ladder.png").exists()

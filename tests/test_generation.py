@@ -53,6 +53,7 @@ def test_server_answers_none_where_a_request_fails():
     assert au.generation.server_answers(gone, ["x", "y"], max_new_tokens=4, concurrency=2, timeout=5) == [[None, None]]
 
 
+@pytest.mark.slow
 def test_server_answers_sample_each_prompt_with_one_seed_per_sample(server):
     kw = {"max_new_tokens": 24, "temperature": 1.0, "concurrency": 2}
     runs = au.generation.server_answers(server, PROMPTS, samples=3, seed=7, **kw)

@@ -273,6 +273,38 @@ def test_a_full_disk_during_a_checkpoint_keeps_nothing_partial_and_the_next_run_
     assert [p.name for p in training.complete_checkpoints(ckpts)] == ["checkpoint-1", "checkpoint-2"]
 
 
+class _Saves:
+    """Stands in for a PEFT model or a tokenizer: `save_pretrained` writes one file, or fails like a full disk."""
+
+    def __init__(self, name: str, full: bool = False):
+        self.name, self.full = name, full
+
+    def save_pretrained(self, folder, **_):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / self.name).write_text("new")
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_save_adapter_replaces_the_folder_only_with_a_complete_adapter(tmp_path):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "adapter_model.safetensors").write_text("old")
+    trainer = type("Trainer", (), {"model": _Saves("adapter_model.safetensors")})()
+    with pytest.raises(training.CheckpointError) as err:
+        training.save_adapter(trainer, _Saves("tokenizer.json", full=True), target)
+    assert str(err.value) == (f"{target}: the adapter could not be written (no space left on the device); "
+                              "nothing of it was kept")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"], "no temporary left beside it"
+    assert [p.name for p in target.iterdir()] == ["adapter_model.safetensors"]
+    assert (target / "adapter_model.safetensors").read_text() == "old", "the earlier adapter survives"
+
+    assert training.save_adapter(trainer, _Saves("tokenizer.json"), target) == target
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"adapter_model.safetensors": "new",
+                                                               "tokenizer.json": "new"}
+
+
 @pytest.mark.slow
 def test_accelerate_runs_sft_as_two_cpu_processes(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.launcher": "accelerate", "sft.max_steps": 2, "sft.eval_steps": 100,
