@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,18 @@ def test_executors_that_cannot_start_fail_at_once_in_one_sentence(cfg, tmp_path,
         curate_scale.run_params(cfg.model_copy(update={"data": cfg.data.model_copy(
             update={"executor": config.Executor(kind="ray")})}), RAW, tmp_path / "out")
     assert not (tmp_path / "out" / "work").exists()
+    calls = []
+
+    def timed_out(**kw):
+        calls.append("init")
+        raise TimeoutError("The current node timed out during startup.\nmore of Ray's log")
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(
+        is_initialized=lambda: False, init=timed_out, shutdown=lambda: calls.append("shutdown")))
+    with pytest.raises(curate_scale.ExecutorUnavailable,
+                       match=r"^cannot start the Ray executor locally: The current node timed out during startup\.$"):
+        curate_scale.check_executor(config.Executor(kind="ray"))
+    assert calls == ["init", "shutdown"]  # what a failed local start left running is stopped
     monkeypatch.setattr(shutil, "which", lambda name: None)
     slurm = config.Executor(kind="slurm", slurm_partition="cpu")
     with pytest.raises(curate_scale.ExecutorUnavailable, match="no Slurm here"):
