@@ -400,6 +400,7 @@ def _ray_init(ex) -> None:
         else:
             ray.init(num_cpus=ex.workers * ex.cpus_per_task, include_dashboard=False, log_to_driver=False)
     except Exception as e:  # ConnectionError and friends: one sentence, not Ray's traceback
+        ray.shutdown()  # a local start that timed out leaves Ray's own servers running otherwise
         where = f"at {ex.ray_address}" if ex.ray_address else "locally"
         raise ExecutorUnavailable(f"cannot start the Ray executor {where}: {str(e).splitlines()[0]}") from None
 

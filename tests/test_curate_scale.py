@@ -1,10 +1,15 @@
 """01's at-scale path (`curate_scale`, datatrove): the same kept rows as the in-memory path on the shipped corpus,
-bad lines set aside with FILE:LINE, `on_invalid: fail` writes nothing, a rerun resumes, executors that cannot start
-say so in one sentence."""
+bad lines set aside with FILE:LINE, `on_invalid: fail` writes nothing, a rerun resumes (also after a real SIGKILL of the
+command), executors that cannot start say so in one sentence."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -121,12 +126,115 @@ def test_a_rerun_continues_from_the_completed_tasks(cfg, tmp_path):
         {k: v for k, v in first.items() if k != "seconds" and k != "total_seconds"}
 
 
+def _markers(out: Path) -> dict[Path, int]:
+    """Every datatrove completed-task marker of a run (`logs/<stage>/completions/<rank>`), with its mtime."""
+    return {p: p.stat().st_mtime_ns for p in (out / "logs").glob("*/completions/*")}
+
+
+def _command(src: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "aletheia_utils.cli", "curate-at-scale",
+            "--params", str(ROOT / "params" / "smoke.yaml"),
+            "--input", str(src / "*.jsonl"), "--output", str(out), "--set", "data.on_invalid=skip",
+            "--set", "data.executor.tasks=4", "--set", "data.executor.workers=1"]
+
+
+def _run_command(src: Path, out: Path, log: Path, started: list) -> subprocess.Popen:
+    """The command in its own process group (what a kill of the job kills), added to `started`."""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    with open(log, "wb") as fh:
+        started.append(subprocess.Popen(_command(src, out), cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                        start_new_session=True))
+    return started[-1]
+
+
+def _wait_for(condition, timeout: float, message) -> None:
+    """Poll `condition` every 50 ms until it holds; fail with `message()` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message()
+        time.sleep(0.05)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (a zombie no longer does)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError):
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
+
+
+@pytest.mark.slow
+def test_a_killed_command_resumes_without_redoing_completed_tasks(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    curate_scale.synthetic_corpus(src / "raw.jsonl", 120)
+    started: list[subprocess.Popen] = []
+    try:
+        _killed_and_resumed(src, tmp_path, started)
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _killed_and_resumed(src: Path, tmp_path: Path, started: list) -> None:
+    def tail(name):
+        return lambda: (tmp_path / f"{name}.log").read_text()[-3000:]
+
+    # the same command run to its end, for the reference
+    assert _run_command(src, tmp_path / "ref", tmp_path / "ref.log", started).wait(timeout=1800) == 0, tail("ref")()
+    # killed with its whole process group once some of the first stage's four tasks have completed
+    out = tmp_path / "out"
+    killed = _run_command(src, out, tmp_path / "killed.log", started)
+    _wait_for(lambda: killed.poll() is not None or any((out / "logs" / "clean" / "completions").glob("*")), 1800,
+              tail("killed"))
+    assert killed.poll() is None, tail("killed")()
+    os.killpg(killed.pid, signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    _wait_for(lambda: not _group_running(killed.pid), 60, lambda: "a killed process still runs")
+    done = _markers(out)
+    assert done and not (out / "summary.json").exists()
+    # the same command again: continues, and redoes no completed task
+    assert _run_command(src, out, tmp_path / "again.log", started).wait(timeout=1800) == 0, tail("again")()
+    after = _markers(out)
+    assert set(done) < set(after) == set(_markers(tmp_path / "ref"))
+    assert {p: after[p] for p in done} == done  # no completed task's marker was written again
+    for stage in {p.parent.parent for p in done}:
+        n_done, n_all = sum(p.parent.parent == stage for p in done), len(list((stage / "completions").iterdir()))
+        said = (f"Skipping {n_done} already completed tasks" if n_done < n_all
+                else f"Not doing anything as all {n_all} tasks have already been completed")
+        assert said in (stage / "console.log").read_text(), stage.name
+    # and ends where the uninterrupted run ended: the same kept rows, the same funnel
+    assert sorted(r["id"] for r in curate_scale.kept_rows(out)) == \
+        sorted(r["id"] for r in curate_scale.kept_rows(tmp_path / "ref"))
+    funnel = {k: v for k, v in json.loads((out / "summary.json").read_text()).items() if "seconds" not in k}
+    assert funnel == {k: v for k, v in json.loads((tmp_path / "ref" / "summary.json").read_text()).items()
+                      if "seconds" not in k}
+    assert funnel["rows_in"] == 120 and funnel["rows_out"] > 0
+
+
 def test_executors_that_cannot_start_fail_at_once_in_one_sentence(cfg, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray is optional: not a project dependency
     with pytest.raises(curate_scale.ExecutorUnavailable, match="kind is ray but Ray is not installed"):
         curate_scale.run_params(cfg.model_copy(update={"data": cfg.data.model_copy(
             update={"executor": config.Executor(kind="ray")})}), RAW, tmp_path / "out")
     assert not (tmp_path / "out" / "work").exists()
+    calls = []
+
+    def timed_out(**kw):
+        calls.append("init")
+        raise TimeoutError("The current node timed out during startup.\nmore of Ray's log")
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(
+        is_initialized=lambda: False, init=timed_out, shutdown=lambda: calls.append("shutdown")))
+    with pytest.raises(curate_scale.ExecutorUnavailable,
+                       match=r"^cannot start the Ray executor locally: The current node timed out during startup\.$"):
+        curate_scale.check_executor(config.Executor(kind="ray"))
+    assert calls == ["init", "shutdown"]  # what a failed local start left running is stopped
     monkeypatch.setattr(shutil, "which", lambda name: None)
     slurm = config.Executor(kind="slurm", slurm_partition="cpu")
     with pytest.raises(curate_scale.ExecutorUnavailable, match="no Slurm here"):
