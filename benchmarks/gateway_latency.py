@@ -17,8 +17,13 @@ to its last byte, streamed ones also to the first token. Overhead = gateway − 
 process's CPU time per request is recorded too: on a shared machine it moves far less than latency does. The gateways
 run with `aletheia gateway`'s defaults (rate limit raised so it never refuses), from the project root (`python -m`
 imports the package from the working folder). `--baseline-src DIR` adds a gateway from another copy of the package
-(`git archive REV aletheia_utils | tar -x -C DIR`), to compare two versions in one run. Writes
-benchmarks/results/gateway_latency.{json,png}.
+(`git archive REV aletheia_utils | tar -x -C DIR`), to compare two versions in one run; `--baseline-rev REV` does
+that extraction itself. Each cell's `cpu_ratio_vs_baseline` is a gateway's CPU per request over the baseline's (same
+filter, pii): below 1, the change saves CPU. Writes benchmarks/results/gateway_latency.{json,png}.
+
+The wall-clock run against llama-server on a quiet machine, old against new, is one command:
+
+    .venv/bin/python benchmarks/gateway_latency.py --backends llama-server --baseline-rev 1b044cc --filters pii
 """
 
 from __future__ import annotations
@@ -240,6 +245,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="llama-server's threads")
     parser.add_argument("--baseline-src", help="a folder holding another aletheia_utils (e.g. `git archive REV "
                         "aletheia_utils | tar -x -C DIR`) whose gateway, filter pii, runs beside the others")
+    parser.add_argument("--baseline-rev", help="a git revision whose aletheia_utils becomes --baseline-src")
     parser.add_argument("--baseline-label", default="baseline", help="its name in the results")
     parser.add_argument("--name", default="gateway_latency")
     parser.add_argument("--note", default="shared machine: other engineers' jobs ran on the same 2 cores; this "
@@ -253,6 +259,16 @@ def main() -> None:
 
     import aletheia_utils as au
     from aletheia_utils import gateway as gw
+
+    if args.baseline_rev:
+        import subprocess
+        import tempfile
+
+        args.baseline_src = tempfile.mkdtemp(prefix="gateway-baseline-")
+        archive = subprocess.run(["git", "archive", args.baseline_rev, "aletheia_utils"], cwd=common.ROOT,
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", args.baseline_src], input=archive, check=True)
+        args.baseline_label = f"{args.baseline_label} ({args.baseline_rev})"
 
     clients = [int(c) for c in args.clients.split(",")]
     machine = common.machine()
@@ -301,7 +317,14 @@ def main() -> None:
                             for k in ("p50", "p95", "ttft_p50", "ttft_p95"):
                                 a, b = s[f"{k}_ms"], direct[f"{k}_ms"]
                                 row[f"overhead_{k}_ms"] = None if a is None or b is None else round(a - b, 2)
-                        rows.append(common.shown(row))
+                        rows.append(row)
+                    base = next((r for r in rows[-len(results):] if r["path"].startswith("gateway ")
+                                 and r["path"].endswith("filter pii") and args.baseline_src), None)
+                    for row in rows[-len(results):]:
+                        if base and row["path"].startswith("gateway, filter pii"):
+                            row["cpu_ratio_vs_baseline"] = round(row["process_cpu_ms_per_request"]
+                                                                 / base["process_cpu_ms_per_request"], 3)
+                        common.shown(row)
                     save(args, machine, started, rows, complete=False)
     save(args, machine, started, rows, complete=True)
 
@@ -311,8 +334,8 @@ def save(args, machine: dict, started: str, rows: list[dict], complete: bool) ->
     import common
 
     summary = {f"{r['backend']}, {'stream' if r['stream'] else 'whole'}, {r['clients']} clients, {r['path']}":
-               {k: r[k] for k in ("overhead_p50_ms", "overhead_p95_ms", "overhead_ttft_p50_ms", "p50_ms",
-                                  "process_cpu_ms_per_request", "errors")}
+               {k: r.get(k) for k in ("overhead_p50_ms", "overhead_p95_ms", "overhead_ttft_p50_ms", "p50_ms",
+                                      "process_cpu_ms_per_request", "cpu_ratio_vs_baseline", "errors")}
                for r in rows if r["path"] != "direct"}
     if complete:
         print(json.dumps(summary, indent=1))
