@@ -56,6 +56,8 @@ def test_the_plain_head_gives_trls_loss_gradient_and_statistics(trainer):
         torch.testing.assert_close(plain[1][name], grad, rtol=1e-4, atol=1e-6)
     assert plain[2].keys() == stock[2].keys() >= {"entropy", "logits/chosen", "mean_token_accuracy", "rewards/margins"}
     for key, value in stock[2].items():
+        if key == "num_tokens":  # a running count over both calls
+            continue
         assert plain[2][key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
 
 
@@ -68,4 +70,4 @@ def test_reference_log_probs_batched_equal_one_pair_at_a_time(trainer):
                         for r in rows])
     batched = torch.stack(trainer.compute_ref_log_probs(model, trainer.data_collator(rows)), dim=1)
     assert one.abs().min() > 10  # sums over whole answers
-    torch.testing.assert_close(batched, one, rtol=0, atol=1e-4)
+    torch.testing.assert_close(batched, one, rtol=1e-6, atol=1e-4)  # 1e-4 plus float32 rounding of a sum of hundreds
