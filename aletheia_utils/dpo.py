@@ -41,6 +41,9 @@ class CrashSafeDPOTrainer(training.CrashSafeMixin, training.FastStepMixin, DPOTr
         Here the model's own forward projects only the positions whose next token is scored (`logits_to_keep` as a
         mask), one log-softmax gives the log-probs that carry the gradient, and the logged statistics come from it
         without one. Same fields, same loss (tests/test_dpo.py). Idempotent; TRL keeps its head on a GPU (Triton)."""
+        import functools
+        import types
+
         import torch
         from peft import PeftModel
         from trl.trainer.utils import FusedCausalLMOutput
@@ -51,7 +54,8 @@ class CrashSafeDPOTrainer(training.CrashSafeMixin, training.FastStepMixin, DPOTr
             return
         fused = model.forward  # TRL's: called with fused_lm_head=False it is the model's own forward
 
-        def forward(*args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):
+        @functools.wraps(type(model).forward)  # `generate` reads the model's keyword arguments from the signature
+        def forward(_, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):
             if not fused_lm_head or "shift_labels" in kwargs:
                 return fused(*args, fused_lm_head=fused_lm_head, labels=labels, num_items_in_batch=num_items_in_batch,
                              **kwargs)
@@ -71,7 +75,7 @@ class CrashSafeDPOTrainer(training.CrashSafeMixin, training.FastStepMixin, DPOTr
                                        log_probs=picked.new_zeros(scored.shape).masked_scatter(scored, picked),
                                        aux_loss=getattr(out, "aux_loss", None), **spread)
 
-        model.forward, model.plain_head = forward, True
+        model.forward, model.plain_head = types.MethodType(forward, model), True
 
     def compute_ref_log_probs(self, model, inputs):
         self.use_plain_head()  # TRL precomputes inside its __init__, right after fitting its own head

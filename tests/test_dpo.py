@@ -59,6 +59,9 @@ def test_the_plain_head_gives_trls_loss_gradient_and_statistics(trainer):
         if key == "num_tokens":  # a running count over both calls
             continue
         assert plain[2][key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+    prompt = trainer.processing_class("Hello", return_tensors="pt")  # 03 generates with the trainer's model
+    answer = trainer.model.generate(**prompt, max_new_tokens=2, do_sample=False)
+    assert answer.shape[1] == prompt["input_ids"].shape[1] + 2
 
 
 def test_reference_log_probs_batched_equal_one_pair_at_a_time(trainer):
