@@ -52,8 +52,8 @@ def test_the_plain_head_gives_trls_loss_gradient_and_statistics(trainer):
     assert trainer.model.get_base_model().plain_head
     assert plain[0] == pytest.approx(stock[0], abs=1e-5)
     assert stock[1].keys() == plain[1].keys() and len(stock[1]) == 4 * 30  # lora_A and lora_B of 2 modules x 30 layers
-    for name, grad in stock[1].items():
-        torch.testing.assert_close(plain[1][name], grad, rtol=1e-4, atol=1e-6)
+    for name, grad in stock[1].items():  # fp32 sums in another order: equal to ~1e-4 of the gradient's size
+        assert torch.linalg.norm(plain[1][name] - grad) <= 1e-3 * torch.linalg.norm(grad), name
     assert plain[2].keys() == stock[2].keys() >= {"entropy", "logits/chosen", "mean_token_accuracy", "rewards/margins"}
     for key, value in stock[2].items():
         if key == "num_tokens":  # a running count over both calls
