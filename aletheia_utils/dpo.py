@@ -79,7 +79,61 @@ def policy_pairs(cfg: config_mod.Config, paths: pipeline.RunPaths) -> dict[str, 
 
 
 class CrashSafeDPOTrainer(training.CrashSafeMixin, training.FastStepMixin, DPOTrainer):
-    """TRL's `DPOTrainer` with crash-safe checkpoints (`fingerprint=`) and bf16 activations fed to LoRA as they come."""
+    """TRL's `DPOTrainer` with crash-safe checkpoints (`fingerprint=`), bf16 activations fed to LoRA as they come, and
+    on a CPU a plain LM head (`use_plain_head`) in place of TRL's chunked one."""
+
+    def use_plain_head(self) -> None:
+        """On a CPU, answer TRL's `fused_lm_head=True` calls with one plain head pass over the answer tokens only.
+
+        TRL patches the model so that `model(..., labels=, fused_lm_head=True)` returns per-token log-probs, entropy,
+        mean logit and top-1 (`FusedCausalLMOutput`) from a chunked head; off a GPU its torch fallback scores every
+        position, prompt and padding included, in a dozen fp32 passes per logits tile, forward and again backward.
+        Here the model's own forward projects only the positions whose next token is scored (`logits_to_keep` as a
+        mask), one log-softmax gives the log-probs that carry the gradient, and the logged statistics come from it
+        without one. Same fields, same loss (tests/test_dpo.py). Idempotent; TRL keeps its head on a GPU (Triton)."""
+        import functools
+        import types
+
+        import torch
+        from peft import PeftModel
+        from trl.trainer.utils import FusedCausalLMOutput
+
+        model = self.accelerator.unwrap_model(self.model)
+        model = model.get_base_model() if isinstance(model, PeftModel) else model
+        if self.args.device.type != "cpu" or getattr(model, "plain_head", False):
+            return
+        fused = model.forward  # TRL's: called with fused_lm_head=False it is the model's own forward
+
+        @functools.wraps(type(model).forward)  # `generate` reads the model's keyword arguments from the signature
+        def forward(_, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):
+            if not fused_lm_head or "shift_labels" in kwargs:
+                return fused(*args, fused_lm_head=fused_lm_head, labels=labels, num_items_in_batch=num_items_in_batch,
+                             **kwargs)
+            scored = labels[:, 1:] != -100  # position t predicts token t + 1
+            out = fused(*args, logits_to_keep=torch.nn.functional.pad(scored, (0, 1)), **kwargs)
+            logits, targets = out.logits.float(), labels[:, 1:][scored]  # logits: (scored tokens, vocabulary)
+            log_p = logits.log_softmax(-1)
+            picked = log_p.gather(-1, targets[:, None])[:, 0]
+            with torch.no_grad():
+                stats = {"entropy": -(log_p.exp() * log_p).sum(-1), "mean_logits": logits.mean(-1),
+                         "is_top1": logits.argmax(-1) == targets}
+                if self.use_weighting:
+                    stats["log_sum_sq_probs"] = torch.logsumexp(2 * log_p, -1)
+            spread = {k: v.new_zeros(scored.shape).masked_scatter(scored, v) for k, v in stats.items()}
+            count = scored.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+            return FusedCausalLMOutput(loss=-picked.sum() / count, label_mask=scored,
+                                       log_probs=picked.new_zeros(scored.shape).masked_scatter(scored, picked),
+                                       aux_loss=getattr(out, "aux_loss", None), **spread)
+
+        model.forward, model.plain_head = types.MethodType(forward, model), True
+
+    def compute_ref_log_probs(self, model, inputs):
+        self.use_plain_head()  # TRL precomputes inside its __init__, right after fitting its own head
+        return super().compute_ref_log_probs(model, inputs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.use_plain_head()
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> training.Prepared:
