@@ -1,6 +1,7 @@
 """DESIGN.md's notebook conventions, checked on the committed notebooks."""
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -27,6 +28,12 @@ def test_committed_without_outputs(nb):
     for cell in book.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_cell_ids_are_unique(path):  # read raw: nbformat would rename duplicates with only a warning
+    ids = [c["id"] for c in json.loads(path.read_text(encoding="utf-8"))["cells"]]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
 
 
 def test_title_block(nb):
