@@ -1,5 +1,6 @@
 """DPO pairs/s, side by side in one run: TRL's `DPOTrainer` with stock settings vs the project's 03_dpo path
-(`au.dpo.build_trainer`), both starting from the same SFT adapter on the same pairs.
+(`au.dpo.build_trainer`), and that path with TRL's own LM head kept (`project_trl_head`), all starting from the same
+SFT adapter on the same pairs.
 
     .venv/bin/python benchmarks/train_dpo.py [--pairs 24] [--val-pairs 8] [--run-dir runs/default-check]
 
@@ -41,8 +42,15 @@ def stock_trainer(cfg, source, rows, val_rows):
                       eval_dataset=Dataset.from_list(au.dpo.records(val_rows)), processing_class=tok)
 
 
-def project_trainer(cfg, run_root):
-    trainer, _ = au.dpo.build_trainer(cfg, au.pipeline.RunPaths.for_run(cfg, run_root))
+def project_trainer(cfg, run_root, plain_head: bool = True):
+    """03's trainer; with `plain_head=False` it keeps TRL's own chunked LM head (the one lever switched off)."""
+    cls = au.dpo.CrashSafeDPOTrainer
+    if not plain_head:
+        au.dpo.CrashSafeDPOTrainer = type("TRLHeadDPOTrainer", (cls,), {"use_plain_head": lambda self: None})
+    try:
+        trainer, _ = au.dpo.build_trainer(cfg, au.pipeline.RunPaths.for_run(cfg, run_root))
+    finally:
+        au.dpo.CrashSafeDPOTrainer = cls
     return trainer
 
 
@@ -79,7 +87,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=24, help="training pairs (one epoch)")
     parser.add_argument("--val-pairs", type=int, default=8, help="held-out pairs evaluated before and after")
     parser.add_argument("--run-dir", default=None, help="finished run whose 01_curate pairs and SFT adapter are used")
-    parser.add_argument("--variants", default="stock,project")
+    parser.add_argument("--variants", default="stock,project_trl_head,project")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--profile", action="store_true", help="then profile the project's training once more")
     args = parser.parse_args()
@@ -89,7 +97,7 @@ def main() -> None:
     machine = common.machine()
     cfg = au.config.load(common.ROOT / "params" / "default.yaml", {
         "dpo.max_steps": -1, "dpo.num_epochs": 1, "dpo.logging_steps": 1, "dpo.eval_steps": 10**6,
-        "dpo.save_steps": 10**6})
+        "dpo.save_steps": 10**6, "dpo.rejected": "curated"})  # every variant trains on exactly the same pairs
     _, tok = au.training.load_base(cfg.run.base_model)
     fit = lambda name, n: au.dpo.fit_pairs(au.data.load_split(source / "01_curate" / name, "dpo"), tok,  # noqa: E731
                                           cfg.dpo.max_seq_length, cfg.dpo.overlong)[0][:n]
@@ -101,7 +109,8 @@ def main() -> None:
         au.data.write_jsonl(data / "dpo.jsonl", rows)
         au.data.write_jsonl(data / "dpo_val.jsonl", val_rows)
         builders = {"stock": lambda: stock_trainer(cfg, source, rows, val_rows),
-                    "project": lambda: project_trainer(cfg, run_root)}
+                    "project": lambda: project_trainer(cfg, run_root),
+                    "project_trl_head": lambda: project_trainer(cfg, run_root, plain_head=False)}
         for name in args.variants.split(","):
             results.append(measure(name, builders[name], len(rows), len(val_rows)))
         if args.profile:
