@@ -135,15 +135,22 @@ def test_dpo_needs_the_sft_adapter(tmp_path):
         build(params, run_dir, dpo.build_trainer)
 
 
-@pytest.mark.slow
-def test_dpo_sft_weight_adds_the_chosen_answers_nll(tmp_path):
-    params, run_dir = make_run(tmp_path, {"sft.max_steps": 1}, n_train=4)
+def sft_adapter_and_pairs(params: Path, run_dir: Path) -> list[dict]:
+    """What 03 starts from: an SFT adapter after one step, and three curated pairs (rejected: "It depends.") as
+    01's train and validation pairs; returns the pairs."""
     trainer, _ = build(params, run_dir)
     training.fit(trainer, run_dir / "02_sft" / "checkpoints")
     training.save_adapter(trainer, trainer.processing_class, run_dir / "02_sft" / "adapter")
     pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "It depends."} for r in corpus_rows(3)]
     for name in ("dpo.jsonl", "dpo_val.jsonl"):
         data.write_jsonl(run_dir / "01_curate" / name, pairs)
+    return pairs
+
+
+@pytest.mark.slow
+def test_dpo_sft_weight_adds_the_chosen_answers_nll(tmp_path):
+    params, run_dir = make_run(tmp_path, {"sft.max_steps": 1}, n_train=4)
+    sft_adapter_and_pairs(params, run_dir)
     losses = {}
     for weight in (0.0, 1.0):
         cfg = config.load(params, {"dpo.sft_weight": weight})
@@ -157,12 +164,7 @@ def test_dpo_sft_weight_adds_the_chosen_answers_nll(tmp_path):
 @pytest.mark.slow
 def test_dpo_on_policy_pairs_are_the_sft_models_own_answers(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.max_steps": 1, "data.rejected_max_tokens": 24}, n_train=4)
-    trainer, _ = build(params, run_dir)
-    training.fit(trainer, run_dir / "02_sft" / "checkpoints")
-    training.save_adapter(trainer, trainer.processing_class, run_dir / "02_sft" / "adapter")
-    pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "It depends."} for r in corpus_rows(3)]
-    for name in ("dpo.jsonl", "dpo_val.jsonl"):
-        data.write_jsonl(run_dir / "01_curate" / name, pairs)
+    pairs = sft_adapter_and_pairs(params, run_dir)
     cfg = config.load(params, {"dpo.rejected": "policy"})
     paths = pipeline.RunPaths.for_run(cfg, run_dir)
     made = dpo.policy_pairs(cfg, paths)
