@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 PARAMS ?= params/default.yaml
 NAME   ?=
 STAMP  := $(VENV)/.installed
+# llama.cpp's AMX kernels segfault on some AMX CPUs (ggml-org/llama.cpp#20824): llama-cpp-python is compiled without
+# them on x86-64, as `aletheia setup-llama-cpp` compiles llama-server (aletheia_utils/llamacpp.py).
+NO_AMX := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 
 .PHONY: setup run test test-fast lint lab strip clean
 
@@ -13,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev]'
+	CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(BIN)/pip install -e '.[dev]'
 	touch $@
 
 # llama.cpp's converter and llama-server, from the installed llama-cpp-python's source (cached; ~10 min once).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,16 @@ from pathlib import Path
 from . import files, models
 
 PACKAGE = "llama-cpp-python"
+# llama.cpp's AMX kernels segfault on the first matmul on some AMX CPUs (Xeon, seen here; ggml-org/llama.cpp#20824):
+# on x86-64 the native build leaves them out. `make setup` builds llama-cpp-python with the same flags.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def compiler_flags() -> list[str]:
+    """CMake definitions for a build for this CPU without llama.cpp's AMX kernels (x86-64 only)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    return [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
 
 
 class SetupMissing(RuntimeError):
@@ -80,7 +91,8 @@ def fetch() -> Path:
 
 
 def build(jobs: int | None = None) -> Path:
-    """Build `llama-server` for this CPU (cmake); the binary is moved into place only when complete."""
+    """Build `llama-server` for this CPU (cmake; `compiler_flags`); the binary is moved into place only when
+    complete."""
     target = home() / "bin" / "llama-server"
     if os.access(target, os.X_OK):
         return target
@@ -91,7 +103,8 @@ def build(jobs: int | None = None) -> Path:
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     subprocess.run([cmake, "-S", str(fetch()), "-B", str(build_dir), *generator, "-DCMAKE_BUILD_TYPE=Release",
                     "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"], check=True, stdout=subprocess.DEVNULL)
+                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", *compiler_flags()],
+                   check=True, stdout=subprocess.DEVNULL)
     subprocess.run([cmake, "--build", str(build_dir), "--target", "llama-server", "-j", str(jobs or os.cpu_count())],
                    check=True)
     with files.atomic_write(target) as tmp:

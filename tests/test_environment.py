@@ -30,3 +30,17 @@ def test_vllm_only_in_the_gpu_extra():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert not any(_name(r) == "vllm" for r in project["dependencies"])
     assert any(_name(r) == "vllm" for r in project["optional-dependencies"]["gpu"])
+
+
+def test_llama_cpp_builds_leave_out_the_amx_kernels_on_x86(monkeypatch):
+    """llama.cpp's AMX kernels segfault on some AMX CPUs: the Makefile (llama-cpp-python) and llama-server's build
+    pass the same flags on x86-64, and none elsewhere."""
+    from aletheia_utils import llamacpp
+
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"{llamacpp.NO_AMX})" in makefile, "the Makefile and llamacpp.py name the same flags"
+    assert re.search(r'CFLAGS="\$\(NO_AMX\)" CXXFLAGS="\$\(NO_AMX\)" \$\(BIN\)/pip install -e', makefile)
+    monkeypatch.setattr(llamacpp.platform, "machine", lambda: "x86_64")
+    assert llamacpp.compiler_flags() == [f"-DCMAKE_C_FLAGS={llamacpp.NO_AMX}", f"-DCMAKE_CXX_FLAGS={llamacpp.NO_AMX}"]
+    monkeypatch.setattr(llamacpp.platform, "machine", lambda: "aarch64")
+    assert llamacpp.compiler_flags() == []
