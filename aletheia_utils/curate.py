@@ -331,11 +331,11 @@ def dpo_pairs(rows: list[dict], rejected: list[tuple[str, str]]) -> list[dict]:
 
 
 def preference_pairs(rows: list[dict], source: str, base_model: str, max_tokens: int, seed: int,
-                     threads: int | None = None) -> list[dict]:
+                     threads: int | None = None, parallel: int = 4) -> list[dict]:
     """DPO pairs for `rows`: the curated answer is chosen; rejected is the base model's own answer
-    (`source="base_model"`) or a degraded copy of the curated one (`"degraded"`)."""
+    (`source="base_model"`, `parallel` llama-server slots) or a degraded copy of the curated one (`"degraded"`)."""
     if source == "base_model":
-        answers = base_model_answers([r["question"] for r in rows], base_model, max_tokens, threads)
+        answers = base_model_answers([r["question"] for r in rows], base_model, max_tokens, threads, parallel)
         return dpo_pairs(rows, [(a, "base_model") for a in answers])
     rng = random.Random(seed)
     return dpo_pairs(rows, [degrade(r["answer"], r["topic"], rng) for r in rows])
