@@ -1,5 +1,6 @@
-"""lm-eval on base, SFT, DPO and the served GGUF; their answers compared pair by pair (paired differences with
-bootstrap intervals, a verdict, a win rule); the quality report (08_evaluate).
+"""lm-eval on base, SFT, DPO and the served GGUF; DPO's implicit reward on the held-out preference pairs; their
+answers compared pair by pair (paired differences with bootstrap intervals, a verdict, a win rule); the quality report
+(08_evaluate).
 
 The project's own lm-eval tasks ship as YAML in `aletheia_utils/tasks/`. Their data is built per run into the
 stage folder from the held-out splits and reaches the task loaders as TaskManager metadata (`data_dir`). Every
@@ -27,7 +28,8 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 OWN_TASKS = ("aletheia_mc", "aletheia_pref", "aletheia_ppl", "aletheia_humaneval")
 TASK_DATA = {"aletheia_mc": "mc.jsonl", "aletheia_pref": "pref.jsonl", "aletheia_ppl": "ppl.jsonl"}
 LOGLIKELIHOOD = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
-HEADLINE = {"aletheia_mc": "acc_norm", "aletheia_pref": "acc_norm", "aletheia_ppl": "word_perplexity",
+PREFERENCE_TASK = "aletheia_pref"  # scored as DPO's implicit reward (`implicit_rewards`), not by its acc
+HEADLINE = {"aletheia_mc": "acc_norm", "aletheia_ppl": "word_perplexity",
             "aletheia_humaneval": "pass@1", "hellaswag": "acc_norm", "truthfulqa_mc2": "acc", "winogrande": "acc",
             "gsm8k": "exact_match", "mbpp": "pass_at_1"}
 
@@ -167,14 +169,15 @@ def needs_loglikelihood(task: str, tm) -> bool:
 
 def run_tasks(lm, tasks: Sequence[str], tm, *, limit: int | None, max_gen_toks: int, out: Path,
               bootstrap_iters: int = 1000, no_loglikelihood: str | None = None) -> dict[str, dict]:
-    """Each task through `lm_eval.simple_evaluate` on its own, so one failure costs one task; lm-eval's results
-    (merged over tasks) are saved as JSON at `out`. Returns {task: {"metrics": …} | {"skipped": why}}.
+    """Each task through `lm_eval.simple_evaluate` on its own, so one failure costs one task; lm-eval's results and
+    its per-sample logs (merged over tasks; see `logged_samples`) are saved as JSON at `out`.
+    Returns {task: {"metrics": …} | {"skipped": why}}.
 
     `no_loglikelihood`: why this backend cannot score log-likelihoods; such tasks are skipped with that reason."""
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
-    merged: dict = {"results": {}, "configs": {}, "versions": {}, "n-samples": {}, "skipped": {}}
+    merged: dict = {"results": {}, "configs": {}, "versions": {}, "n-samples": {}, "samples": {}, "skipped": {}}
     summary = {}
     for task in tasks:
         why = None
@@ -186,9 +189,9 @@ def run_tasks(lm, tasks: Sequence[str], tm, *, limit: int | None, max_gen_toks: 
                 # event loop forbids in the main thread
                 with offline(), ThreadPoolExecutor(1) as pool:
                     res = pool.submit(lm_eval.simple_evaluate, model=lm, tasks=[task], task_manager=tm, limit=limit,
-                                      log_samples=False, bootstrap_iters=bootstrap_iters,
+                                      log_samples=True, bootstrap_iters=bootstrap_iters,
                                       gen_kwargs={"max_gen_toks": max_gen_toks}, confirm_run_unsafe_code=True).result()
-                for key in ("results", "configs", "versions", "n-samples"):
+                for key in ("results", "configs", "versions", "n-samples", "samples"):
                     merged[key].update(res.get(key, {}))
                 merged["config"] = res.get("config")
                 summary[task] = {"metrics": scores(res["results"][task]), "samples": res["n-samples"][task]}
@@ -456,11 +459,102 @@ def side_by_side(prompts: Sequence[str], references: Sequence[str],
     return "\n".join(blocks)
 
 
+# ---------------------------------------------------------------- preference pairs: DPO's implicit reward
+
+def logged_samples(results_file: Path, task: str) -> list[dict] | None:
+    """lm-eval's per-sample logs of `task` in a JSON `run_tasks` saved, or None where the file or the task has none
+    (the model was not evaluated, or the task was skipped)."""
+    if not Path(results_file).is_file():
+        return None
+    return json.loads(Path(results_file).read_text()).get("samples", {}).get(task)
+
+
+def choice_loglikelihoods(samples: Sequence[dict], task: str = PREFERENCE_TASK) -> dict[int, dict]:
+    """Per doc id of a logged 2-way choice task: the pair as scored (context, chosen, rejected; the chosen answer is
+    the target) and the summed log-likelihood lm-eval gave each answer after the context."""
+    out = {}
+    for s in samples:
+        args, lls = s["arguments"], s["filtered_resps"]  # per choice: (context, answer) and (log-likelihood, greedy)
+        if len(args) != 2 or len(lls) != 2:
+            raise ValueError(f"{task} doc {s['doc_id']}: {len(args)} choices logged, a preference pair has 2")
+        c, r = int(s["target"]), 1 - int(s["target"])
+        out[s["doc_id"]] = {"pair": (args[c][0], args[c][1], args[r][1]), "chosen": float(lls[c][0]),
+                            "rejected": float(lls[r][0])}
+    return out
+
+
+def log_ratios(policy: Sequence[dict], reference: Sequence[dict],
+               task: str = PREFERENCE_TASK) -> tuple[list[dict], list[dict]]:
+    """Per pair (doc id order), for the policy's and the reference's logged samples: `{"log_ratio": log p(chosen) −
+    log p(rejected)}`. Both must hold the same pairs with the same texts, else a ValueError names the doc ids."""
+    p, ref = choice_loglikelihoods(policy, task), choice_loglikelihoods(reference, task)
+    if only := sorted(p.keys() ^ ref.keys()):
+        raise ValueError(f"{task}: policy and reference scored different pairs; doc ids in only one of them: "
+                         f"{only[:10]}")
+    if differ := [i for i in sorted(p) if p[i]["pair"] != ref[i]["pair"]]:
+        raise ValueError(f"{task}: policy and reference scored different texts for doc ids {differ[:10]}")
+    return tuple([{"log_ratio": per[i]["chosen"] - per[i]["rejected"]} for i in sorted(p)] for per in (p, ref))
+
+
+REWARD_RULE = ("Per held-out DPO pair, the margin is (log π(chosen) − log π_base(chosen)) − (log π(rejected) − "
+               "log π_base(rejected)) in nats, from lm-eval's per-choice log-likelihoods: DPO's implicit reward "
+               "(Rafailov et al., 2023) with the base as reference. Preference accuracy is the share of pairs with "
+               "a margin above 0; **better** needs the bootstrap 95% interval of the mean margin above 0. lm-eval's "
+               "raw choice accuracy is not reported: where the rejected answers are the base model's own greedy text "
+               "(`data.rejected_source: base_model`), the base and every model tuned from it find them likelier "
+               "than the human answers, so it cannot separate the models.")
+
+
+def implicit_reward(policy: Sequence[dict], reference: Sequence[dict], samples: int = 1000, seed: int = 0) -> dict:
+    """DPO's implicit reward of a policy against its reference on the held-out pairs (both as lm-eval's logged
+    samples). Per pair the margin (log π(chosen) − log π_ref(chosen)) − (log π(rejected) − log π_ref(rejected)), in
+    nats (TRL's `rewards/margins` is β times it), is the paired difference of the two `log_ratios`. Returns the
+    preference accuracy (share of pairs with a margin above 0: TRL's `rewards/accuracies`), the mean margin with its
+    bootstrap 95% interval over pairs (`paired_differences`), and a verdict: "better" when that interval lies above
+    0 (the policy prefers the chosen answers more than the reference does), "worse" below 0, otherwise (or on fewer
+    than `MIN_PROMPTS` pairs) "not shown"."""
+    p, ref = log_ratios(policy, reference)
+    if not p:
+        return {"pairs": 0, "verdict": "not shown"}
+    d = paired_differences(p, ref, ("log_ratio",), samples, seed)["log_ratio"]
+    word = ("not shown" if len(p) < MIN_PROMPTS else "better" if d["ci_low"] > 0 else
+            "worse" if d["ci_high"] < 0 else "not shown")
+    accuracy = float(np.mean([x["log_ratio"] > y["log_ratio"] for x, y in zip(p, ref, strict=True)]))
+    return {"pairs": len(p), "accuracy": accuracy, "margin": {k: d[k] for k in ("mean", "ci_low", "ci_high")},
+            "verdict": word}
+
+
+def implicit_rewards(logged: dict[str, Sequence[dict] | None], reference: str, *, samples: int,
+                     seed: int) -> dict[str, dict]:
+    """`implicit_reward` of every model in `logged` (model -> its logged samples of the preference task, None where
+    it has none) against `reference`; the reference itself is "not applicable" (its margin is 0 by definition), a
+    model without samples "not computed", each with the reason."""
+    out = {}
+    for model, got in logged.items():
+        if model == reference:
+            out[model] = {"verdict": "not applicable", "why": "the reference; its margin against itself is 0"}
+        elif got is None or logged.get(reference) is None:
+            out[model] = {"verdict": "not computed",
+                          "why": f"no logged {PREFERENCE_TASK} samples from {model if got is None else reference}"}
+        else:
+            out[model] = implicit_reward(got, logged[reference], samples, seed)
+    return out
+
+
+def preference_table(rewards: dict[str, dict]) -> list[dict]:
+    """One row per model of `implicit_rewards`: its verdict (with the reason where there is no score), pairs,
+    preference accuracy and mean margin [95% CI] in nats."""
+    return [{"model": model, "verdict": r["verdict"] + (f" ({r['why']})" if "why" in r else ""),
+             "pairs": r.get("pairs", "—"), "preference accuracy": f"{r['accuracy']:.3f}" if r.get("pairs") else "—",
+             "mean margin [95% CI]": interval(r["margin"]) if r.get("pairs") else "—"} for model, r in rewards.items()]
+
+
 # ---------------------------------------------------------------- report
 
 def headline_table(lm_results: dict[str, dict[str, dict]]) -> list[dict]:
-    """One row per task: its headline metric per model (`±` its standard error), or a dash (see `not_run`)."""
-    tasks = list(dict.fromkeys(t for per in lm_results.values() for t in per))
+    """One row per task: its headline metric per model (`±` its standard error), or a dash (see `not_run`). The
+    preference task is left out: its score is the implicit reward (`preference_table`)."""
+    tasks = list(dict.fromkeys(t for per in lm_results.values() for t in per if t != PREFERENCE_TASK))
     rows = []
     for task in tasks:
         metric = HEADLINE.get(task)
@@ -535,34 +629,38 @@ def tie_note(comparisons: dict[str, dict], margin: float) -> str:
 
 def summary_markdown(run: str, metrics: dict, examples: str, figures: Sequence[str], links: Sequence[str]) -> str:
     """summary.md: the verdict with its intervals first, then `examples` (answers side by side), then the tables
-    (answers per model, the win rule's counts, lm-eval, 06's ladder, what did not run), the figures and links.
+    (answers per model, the win rule's counts, lm-eval, the implicit reward on the preference pairs, 06's ladder,
+    what did not run), the figures and links.
 
-    `metrics` holds comparisons, decoding, num_prompts, tie_margin, answers, lm_eval, quant_ladder, not_run."""
+    `metrics` holds comparisons, decoding, num_prompts, tie_margin, answers, lm_eval, preference (`implicit_rewards`),
+    quant_ladder, not_run."""
     comparisons = metrics["comparisons"]
     text = [f"# Evaluation report: run `{run}`", "", "## Verdict: did tuning help?", "",
             decoding_note(metrics["decoding"], metrics["num_prompts"]), "",
             *[f"- {c['line']}" for c in comparisons.values()], "", _markdown_table(verdict_table(comparisons)), "",
             tie_note(comparisons, metrics["tie_margin"]), "", "## Answers side by side", "", examples, ""]
+    preference = f"Held-out preference pairs ({PREFERENCE_TASK}): DPO's implicit reward against the base"
     sections = {"Answers against the reference (mean per model)": [{"model": m, **s}
                                                                    for m, s in metrics["answers"].items()],
                 "The win rule's counts": [{"pair": k, **c["win_rate"]} for k, c in comparisons.items()
                                           if "win_rate" in c],
                 "lm-eval headline scores": headline_table(metrics["lm_eval"]),
+                preference: preference_table(metrics["preference"]),
                 "Quantization ladder (06_gguf)": metrics["quant_ladder"], "Not run": metrics["not_run"]}
     for title, rows in sections.items():
-        text += [f"## {title}", "", _markdown_table(rows), ""]
+        text += [f"## {title}", "", *([REWARD_RULE, ""] if title == preference else []), _markdown_table(rows), ""]
     text += ["## Figures", "", *[f"![{n}]({n}.png)" for n in figures], "", "## Notebooks", "",
              *(links or ["_(run through `aletheia run` to get HTML copies)_"])]
     return "\n".join(text) + "\n"
 
 
 def report_metrics(paths: pipeline.RunPaths, measured: dict) -> dict:
-    """`measured` (08's numbers: models, answers_from, skipped_tasks, lm_eval, comparisons, …) with what the report
-    derives from them: the win rule, what did not run (`not_run`, answers included) and 06's ladder (`ladder_rows`
-    of its quants.json, or none)."""
+    """`measured` (08's numbers: models, answers_from, skipped_tasks, lm_eval, preference, comparisons, …) with what
+    the report derives from them: the win rule, the implicit reward's rule, what did not run (`not_run`, answers
+    included) and 06's ladder (`ladder_rows` of its quants.json, or none)."""
     statuses = measured["models"] | {f"{m} (answers)": s for m, s in measured["answers_from"].items()}
     quants = paths.root / "06_gguf" / "quants.json"
-    return measured | {"win_rule": WIN_RULE,
+    return measured | {"win_rule": WIN_RULE, "reward_rule": REWARD_RULE,
                        "not_run": not_run(measured["skipped_tasks"], statuses, measured["lm_eval"]),
                        "quant_ladder": ladder_rows(json.loads(quants.read_text())) if quants.exists() else []}
 

@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/pipeline_wall.py --existing runs/quiet-base   # tabulate a finished run instead
 
 Also records the run's headline results, so the time is read next to what it bought: SFT and DPO held-out losses
-and 08_evaluate's verdicts with the paired differences they rest on. Writes
+and 08_evaluate's verdicts with the paired differences they rest on, and its implicit reward on the held-out
+preference pairs. Writes
 benchmarks/results/pipeline_wall.{json,png}.
 """
 
@@ -36,6 +37,7 @@ def headline(run: Path) -> dict:
     out["comparisons"] = {pair: {"verdict": c.get("verdict"),
                                  **{k: c.get("differences", {}).get(k) for k in au.evaluate.VERDICT_METRICS}}
                           for pair, c in ev.get("comparisons", {}).items()}
+    out["preference"] = ev.get("preference", {})
     return out
 
 

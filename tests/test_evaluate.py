@@ -1,6 +1,6 @@
 """08_evaluate: task data and bad input, every shipped lm-eval task on the embedded model, the llama.cpp server
-backend, the answer metrics, the paired differences and the verdict on constructed inputs, the win rule and the
-report."""
+backend, DPO's implicit reward from lm-eval's logged samples, the answer metrics, the paired differences and the
+verdict on constructed inputs, the win rule and the report."""
 
 import importlib.util
 import json
@@ -379,13 +379,107 @@ def test_win_rate_interval():
     assert ev.win_rate([], 100, 0) == {"prompts": 0}
 
 
+class PairLM(LM):
+    """An lm-eval model whose log-likelihood of an answer is minus its length in characters / 10 (so the shorter
+    answer is likelier), plus `lift[context]` for the chosen answer of a pair (`chosen`: context -> chosen text)."""
+
+    def __init__(self, chosen: dict[str, str], lift: dict[str, float] | None = None):
+        super().__init__()
+        self.chosen, self.lift = chosen, lift or {}
+
+    def loglikelihood(self, requests):
+        out = []
+        for context, answer in (r.args for r in requests):
+            bonus = self.lift.get(context, 0.0) if self.chosen.get(context) == answer else 0.0
+            out.append((-len(answer) / 10 + bonus, False))
+        return out
+
+    def loglikelihood_rolling(self, requests):
+        raise NotImplementedError
+
+    def generate_until(self, requests):
+        raise NotImplementedError
+
+
+def test_implicit_reward_from_lm_evals_logged_samples(task_data, tmp_path):
+    """Through lm-eval itself: a policy that lifts every chosen answer against the reference wins every pair on the
+    implicit reward, though both models still rank the (shorter) rejected answer first, so raw accuracy is 0."""
+    out, _ = task_data
+    docs = [json.loads(line) for line in (out / "pref.jsonl").read_text().splitlines()]
+    assert all(len(d["choices"][1]) < len(d["choices"][0]) for d in docs), "the fixture's rejected answers are shorter"
+    chosen = {d["context"]: d["choices"][0] for d in docs}
+    lift = {d["context"]: 0.5 + 0.25 * i for i, d in enumerate(docs)}
+    logged = {}
+    for name, lm in (("base", PairLM(chosen)), ("dpo", PairLM(chosen, lift))):
+        summary = ev.run_tasks(lm, [ev.PREFERENCE_TASK], _tm(out), limit=None, max_gen_toks=8,
+                               out=tmp_path / f"{name}.json", bootstrap_iters=10)
+        assert summary[ev.PREFERENCE_TASK]["metrics"]["acc"] == 0.0, summary
+        logged[name] = ev.logged_samples(tmp_path / f"{name}.json", ev.PREFERENCE_TASK)
+    rewards = ev.implicit_rewards(logged | {"sft": None}, "base", samples=500, seed=0)
+    dpo = rewards["dpo"]
+    assert (dpo["pairs"], dpo["accuracy"]) == (len(docs), 1.0)
+    assert dpo["margin"]["mean"] == pytest.approx(np.mean(list(lift.values())))
+    assert 0 < dpo["margin"]["ci_low"] < dpo["margin"]["mean"] < dpo["margin"]["ci_high"]
+    assert dpo["verdict"] == "not shown", f"{len(docs)} pairs are fewer than MIN_PROMPTS"
+    assert rewards["base"]["verdict"] == "not applicable" and "margin" not in rewards["base"]
+    assert rewards["sft"] == {"verdict": "not computed", "why": "no logged aletheia_pref samples from sft"}
+    assert ev.logged_samples(tmp_path / "missing.json", ev.PREFERENCE_TASK) is None
+
+
+def _pref_samples(chosen, rejected, texts=None):
+    """lm-eval's logged samples of the preference task with these per-choice log-likelihoods (label 0 = chosen)."""
+    texts = texts or [(f"question {i}", f"good {i}", f"bad {i}") for i in range(len(chosen))]
+    return [{"doc_id": i, "target": 0, "arguments": [[q, c], [q, r]], "filtered_resps": [[lc, False], [lr, False]]}
+            for i, ((q, c, r), lc, lr) in enumerate(zip(texts, chosen, rejected, strict=True))]
+
+
+def test_implicit_reward_on_constructed_loglikelihoods():
+    rng = np.random.default_rng(0)
+    ref_c, ref_r = rng.normal(-120, 20, 40), rng.normal(-60, 10, 40)  # the reference prefers every rejected answer
+    reference = _pref_samples(ref_c, ref_r)
+    lift = rng.uniform(0.5, 3, 40)
+    up = ev.implicit_reward(_pref_samples(ref_c + lift, ref_r - 1), reference, 1000, 0)
+    assert (up["pairs"], up["accuracy"], up["verdict"]) == (40, 1.0, "better")
+    assert up["margin"]["mean"] == pytest.approx(lift.mean() + 1) and up["margin"]["ci_low"] > 0
+    same = ev.implicit_reward(_pref_samples(ref_c, ref_r), reference, 1000, 0)
+    assert same == {"pairs": 40, "accuracy": 0.0, "margin": {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0},
+                    "verdict": "not shown"}
+    down = ev.implicit_reward(_pref_samples(ref_c - lift, ref_r), reference, 1000, 0)
+    assert (down["accuracy"], down["verdict"]) == (0.0, "worse") and down["margin"]["ci_high"] < 0
+    noise = np.concatenate([lift[:20], -lift[:20]])  # mean margin exactly 0, half the pairs won
+    mixed = ev.implicit_reward(_pref_samples(ref_c + noise, ref_r), reference, 1000, 0)
+    assert mixed["accuracy"] == 0.5 and mixed["margin"]["ci_low"] < 0 < mixed["margin"]["ci_high"]
+    assert mixed["verdict"] == "not shown"
+    rows = ev.preference_table({"base": {"verdict": "not applicable", "why": "the reference"}, "dpo": up})
+    assert rows[0] == {"model": "base", "verdict": "not applicable (the reference)", "pairs": "—",
+                       "preference accuracy": "—", "mean margin [95% CI]": "—"}
+    assert rows[1] == {"model": "dpo", "verdict": "better", "pairs": 40, "preference accuracy": "1.000",
+                       "mean margin [95% CI]": ev.interval(up["margin"])}
+
+
+def test_implicit_reward_refuses_samples_that_do_not_pair():
+    reference = _pref_samples([-10.0] * 4, [-5.0] * 4)
+    with pytest.raises(ValueError, match=r"aletheia_pref: policy and reference scored different pairs; doc ids in "
+                                         r"only one of them: \[3\]"):
+        ev.implicit_reward(_pref_samples([-9.0] * 3, [-5.0] * 3), reference)
+    texts = [(f"question {i}", f"good {i}", f"bad {i}") for i in range(4)]
+    texts[1] = ("question 1", "good 1", "another bad answer")
+    with pytest.raises(ValueError, match=r"scored different texts for doc ids \[1\]"):
+        ev.implicit_reward(_pref_samples([-9.0] * 4, [-5.0] * 4, texts), reference)
+    three = _pref_samples([-9.0], [-5.0])
+    three[0]["arguments"].append(["question 0", "third"])
+    with pytest.raises(ValueError, match="aletheia_pref doc 0: 3 choices logged, a preference pair has 2"):
+        ev.implicit_reward(three, reference[:1])
+
+
 def test_report_opens_with_the_verdict_then_answers_then_tables(tmp_path):
     import matplotlib.pyplot as plt
 
     paths = au.pipeline.RunPaths(tmp_path)
     (tmp_path / "html").mkdir()
     au.pipeline.write_json(paths.manifest, {"stages": {"01_curate": {"html": "html/01_curate.html"}}})
-    results = {"base": {"aletheia_mc": {"metrics": {"acc_norm": 0.25, "acc_norm_stderr": 0.1}}},
+    results = {"base": {"aletheia_mc": {"metrics": {"acc_norm": 0.25, "acc_norm_stderr": 0.1}},
+                        "aletheia_pref": {"metrics": {"acc": 0.0, "acc_norm": 0.0}}},
                "gguf": {"aletheia_mc": {"skipped": "not supported by this backend: no echo"}}}
     table = ev.headline_table(results)
     assert table == [{"task": "aletheia_mc", "metric": "acc_norm", "base": "0.250 ± 0.100", "gguf": "—"}]
@@ -400,7 +494,10 @@ def test_report_opens_with_the_verdict_then_answers_then_tables(tmp_path):
                                {"base": [answer("It writes.", 3, True)], "dpo": [answer("It flushes " * 4, 16, False)],
                                 "gguf": [None]})
     decoding = {"max_new_tokens": 320, "sampling": {"repeat_penalty": 1.1, "dry_multiplier": 0.8}}
-    measured = {"comparisons": comparisons, "decoding": decoding,
+    preference = {"base": {"verdict": "not applicable", "why": "the reference; its margin against itself is 0"},
+                  "dpo": {"pairs": 24, "accuracy": 0.875, "margin": {"mean": 2.5, "ci_low": 1.25, "ci_high": 3.75},
+                          "verdict": "better"}}
+    measured = {"comparisons": comparisons, "decoding": decoding, "preference": preference,
                 "num_prompts": 48, "tie_margin": 0.02, "answers": {"base": {"answered": 48, "rouge_l": 0.123456}},
                 "lm_eval": results, "skipped_tasks": {"hellaswag": "not available offline"},
                 "models": {"base": "evaluated in 3 s", "sft": "not evaluated: no adapter"},
@@ -430,11 +527,17 @@ def test_report_opens_with_the_verdict_then_answers_then_tables(tmp_path):
     assert "| Q4_K_M | 100.6 | 6.173 | 28.531 | 0.859 |" in summary, "MiB, floats to 3 decimals"
     assert "| base | 48 | 0.123 |" in summary
     assert "| aletheia_mc | acc_norm | 0.250 ± 0.100 | — |" in summary and "no echo" in summary
+    assert "| aletheia_pref |" not in summary, "raw choice accuracy on the pairs is not a headline"
+    pref_part = summary.split("\n## Held-out preference pairs (aletheia_pref)")[1].split("\n## ")[0]
+    assert ev.REWARD_RULE in pref_part
+    assert "| base | not applicable (the reference; its margin against itself is 0) | — | — | — |" in pref_part
+    assert "| dpo | better | 24 | 0.875 | +2.500 [+1.250, +3.750] |" in pref_part
     assert "[01_curate](../html/01_curate.html)" in summary
     assert "![paired_differences](paired_differences.png)" in summary
     assert (report / "task_scores.png").stat().st_size > 1000 and (report / "paired_differences.png").is_file()
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["lm_eval"] == results and metrics["win_rule"] == ev.WIN_RULE
+    assert metrics["preference"] == preference and metrics["reward_rule"] == ev.REWARD_RULE
     assert [r["item"] for r in metrics["not_run"]] == ["hellaswag", "sft", "gguf (answers)", "gguf / aletheia_mc"]
     assert metrics["quant_ladder"] == [{"level": "Q4_K_M", "size_mib": 100.6, "bpw": 6.1734, "perplexity": 28.53123,
                                         "greedy_agreement": 0.859}], "sizes in MiB; the JSON keeps the full values"
