@@ -55,7 +55,8 @@ def scored(model_dir, cfg, prompts, references, embed, decodings) -> dict:
 
 
 def train(stage: str, cfg, root) -> tuple:
-    """02's (or 03's) trainer from the params, fitted with no periodic checkpoints; returns (trainer, val loss)."""
+    """02's (or 03's) trainer from the params, fitted with no periodic checkpoints; returns (trainer, validation
+    metrics at the last step, training seconds)."""
     from transformers.trainer_utils import SaveStrategy
 
     torch.manual_seed(cfg.run.seed)
@@ -65,7 +66,7 @@ def train(stage: str, cfg, root) -> tuple:
     trainer.args.save_strategy = SaveStrategy.NO
     with common.Timer() as t:
         trainer.train()
-    metrics = trainer.evaluate()
+    metrics = au.training.final_evaluation(trainer)
     au.training.save_adapter(trainer, trainer.processing_class, paths.stage(stage) / "adapter")
     return trainer, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}, round(t.s, 1)
 
