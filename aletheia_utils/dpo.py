@@ -14,7 +14,7 @@ from pathlib import Path
 from trl import DPOTrainer
 
 from . import config as config_mod
-from . import data, generation, gguf, merge, pipeline, serve, training
+from . import data, generation, gguf, merge, pipeline, training
 
 
 def fit_pairs(rows: list[dict], tokenizer, max_len: int, policy: str) -> tuple[list[dict], int]:
@@ -44,8 +44,8 @@ def policy_answers(cfg: config_mod.Config, adapter: Path, prompts: list[str]) ->
     with tempfile.TemporaryDirectory(prefix=".policy-", dir=adapter.parent) as tmp:
         folder = merge.save_merged(model, tokenizer, Path(tmp) / "merged")
         del model
-        with serve.llama_server(gguf.convert(folder, Path(tmp) / "policy-F16.gguf"), parallel=cfg.serve.parallel,
-                                ctx_size=cfg.dpo.max_seq_length + limit, threads=pipeline.use_threads(cfg)) as server:
+        with gguf.served_f16(folder, name="policy", workdir=tmp, parallel=cfg.serve.parallel,
+                             ctx_size=cfg.dpo.max_seq_length + limit, threads=pipeline.use_threads(cfg)) as server:
             answers = generation.server_answers(
                 server, prompts, max_new_tokens=limit, sampling=cfg.dpo.rejected_sampling.model_dump(),
                 concurrency=cfg.serve.parallel, timeout=cfg.serve.request_timeout_s)[0]

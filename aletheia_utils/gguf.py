@@ -2,7 +2,8 @@
 
 Conversion is llama.cpp's own `convert_hf_to_gguf.py` and quantization llama.cpp's own quantizer (through the
 llama-cpp-python bindings), both from the same llama.cpp version. Each level is measured against the merged HF
-model on the same token ids: perplexity of held-out responses and greedy-token agreement.
+model on the same token ids: perplexity of held-out responses and greedy-token agreement. `served_f16` serves an HF
+folder as an F16 GGUF, the way 03's policy, 08's compared models and the recipe sweep answer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +25,7 @@ import numpy as np
 
 from . import data, files, llamacpp
 from .pipeline import write_json
-from .serve import ServerError, check_gguf
+from .serve import Server, ServerError, check_gguf, llama_server
 
 
 class GGUFError(RuntimeError):
@@ -72,6 +75,17 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, outtype: str =
             raise _write_failed(f"convert_hf_to_gguf.py on {model_dir} (exit {proc.returncode})", out, tail)
         _check_complete(tmp, out)
     return out
+
+
+@contextlib.contextmanager
+def served_f16(model_dir: str | os.PathLike, *, name: str = "model", workdir: str | os.PathLike | None = None,
+               **server_options) -> Iterator[Server]:
+    """The HF folder `model_dir` converted (`convert`) to `{name}-F16.gguf` in a temporary folder under `workdir`
+    (default: the system's) and served by `serve.llama_server(gguf, **server_options)`; on exit the server stops and
+    the GGUF is removed."""
+    with tempfile.TemporaryDirectory(prefix=".f16-", dir=workdir) as tmp:
+        with llama_server(convert(model_dir, Path(tmp) / f"{name}-F16.gguf"), **server_options) as server:
+            yield server
 
 
 def quantize(src: str | os.PathLike, out: str | os.PathLike, level: str, threads: int | None = None) -> Path:

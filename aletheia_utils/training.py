@@ -363,10 +363,18 @@ def fit(trainer, output_dir: Path):
     if resume is None and trainer.eval_dataset is not None:
         trainer.evaluate()
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    last_eval = max((h["step"] for h in trainer.state.log_history if "eval_loss" in h), default=-1)  # same on all ranks
-    if trainer.eval_dataset is not None and last_eval != trainer.state.global_step:
-        trainer.evaluate()  # the final validation point, unless the schedule already logged it
+    if trainer.eval_dataset is not None:
+        final_evaluation(trainer)
     return output, str(resume) if resume else None
+
+
+def final_evaluation(trainer) -> dict:
+    """The validation metrics at the last step: the schedule's, when it evaluated there, else one `evaluate()` now.
+    The same on all ranks."""
+    logged = max((h for h in trainer.state.log_history if "eval_loss" in h), key=lambda h: h["step"], default=None)
+    if logged is not None and logged["step"] == trainer.state.global_step:
+        return logged
+    return trainer.evaluate()
 
 
 def validation_curve(records: list[dict], key: str = "eval_loss") -> list[float]:

@@ -34,33 +34,29 @@ KEYS = ("rouge_l", "embed_sim", "ended", "repeated_4grams", "length_ratio")
 def scored(model_dir, cfg, prompts, references, embed, decodings) -> dict:
     """Answers of one model (an HF folder, served as an F16 GGUF by llama-server's slots: the fast path on a CPU)
     under each decoding (llama-server sampler fields), scored; per-prompt metrics kept for the paired differences."""
-    import tempfile
-    from pathlib import Path
-
     out = {}
-    with tempfile.TemporaryDirectory(prefix="recipe-gguf-") as tmp:
-        gguf = au.gguf.convert(model_dir, Path(tmp) / "model-F16.gguf")
-        with au.serve.llama_server(gguf, parallel=8, ctx_size=1024, threads=au.pipeline.use_threads(cfg)) as server:
-            for name, spec in decodings.items():
-                sampling = {k: v for k, v in spec.items() if k not in ("temperature", "samples")}
-                with common.Timer() as t:
-                    runs = au.generation.server_answers(
-                        server, prompts, concurrency=8, sampling=sampling, temperature=spec.get("temperature", 0.0),
-                        samples=spec.get("samples", 1), seed=cfg.run.seed,
-                        max_new_tokens=cfg.eval.generation.max_new_tokens)
-                per_sample = [au.evaluate.answer_metrics(run, references, embed) for run in runs]
-                per = au.evaluate.sample_mean(per_sample)
-                out[name] = {"summary": au.evaluate.summarize(per), "per_prompt": per, "generate_s": round(t.s, 1),
-                             "per_sample": {k: [[m and round(m[k], 4) for m in run] for run in per_sample]
-                                            for k in au.evaluate.VERDICT_METRICS},
-                             "examples": [a.text[:400] for a in runs[0][:2] if a is not None]}
-                print(f"  {name}: " + ", ".join(f"{k} {out[name]['summary'][k]:.3f}" for k in KEYS)
-                      + f" ({t.s:.0f} s)", flush=True)
+    with au.gguf.served_f16(model_dir, parallel=8, ctx_size=1024, threads=au.pipeline.use_threads(cfg)) as server:
+        for name, spec in decodings.items():
+            sampling = {k: v for k, v in spec.items() if k not in ("temperature", "samples")}
+            with common.Timer() as t:
+                runs = au.generation.server_answers(
+                    server, prompts, concurrency=8, sampling=sampling, temperature=spec.get("temperature", 0.0),
+                    samples=spec.get("samples", 1), seed=cfg.run.seed,
+                    max_new_tokens=cfg.eval.generation.max_new_tokens)
+            per_sample = [au.evaluate.answer_metrics(run, references, embed) for run in runs]  # each kept in the JSON
+            per = au.evaluate.sample_mean(per_sample)
+            out[name] = {"summary": au.evaluate.summarize(per), "per_prompt": per, "generate_s": round(t.s, 1),
+                         "per_sample": {k: [[m and round(m[k], 4) for m in run] for run in per_sample]
+                                        for k in au.evaluate.VERDICT_METRICS},
+                         "examples": [a.text[:400] for a in runs[0][:2] if a is not None]}
+            print(f"  {name}: " + ", ".join(f"{k} {out[name]['summary'][k]:.3f}" for k in KEYS)
+                  + f" ({t.s:.0f} s)", flush=True)
     return out
 
 
 def train(stage: str, cfg, root) -> tuple:
-    """02's (or 03's) trainer from the params, fitted with no periodic checkpoints; returns (trainer, val loss)."""
+    """02's (or 03's) trainer from the params, fitted with no periodic checkpoints; returns (trainer, validation
+    metrics at the last step, training seconds)."""
     from transformers.trainer_utils import SaveStrategy
 
     torch.manual_seed(cfg.run.seed)
@@ -70,7 +66,7 @@ def train(stage: str, cfg, root) -> tuple:
     trainer.args.save_strategy = SaveStrategy.NO
     with common.Timer() as t:
         trainer.train()
-    metrics = trainer.evaluate()
+    metrics = au.training.final_evaluation(trainer)
     au.training.save_adapter(trainer, trainer.processing_class, paths.stage(stage) / "adapter")
     return trainer, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}, round(t.s, 1)
 

@@ -1,5 +1,7 @@
-"""GGUF conversion and quantization with llama.cpp's own tools, the per-level checks, and bad inputs."""
+"""GGUF conversion and quantization with llama.cpp's own tools, the per-level checks, and bad inputs; serving an HF
+folder as an F16 GGUF."""
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -10,8 +12,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import aletheia_utils as au
 from aletheia_utils.gguf import GGUFError
-
-pytestmark = pytest.mark.slow  # runs llama.cpp's converter and quantizer: not in `make test-fast`
 
 ROWS = [{"prompt": "What does fsync do?",
          "response": "fsync asks the kernel to flush a file's dirty pages and metadata to stable storage."},
@@ -28,6 +28,7 @@ def f16(hf_dir, tmp_path_factory):
     return au.gguf.convert(hf_dir, tmp_path_factory.mktemp("gguf") / "model-F16.gguf", "f16")
 
 
+@pytest.mark.slow
 def test_conversion_keeps_template_eos_and_matches_hf(hf_dir, f16):
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     meta = au.gguf.read_metadata(f16)
@@ -43,6 +44,7 @@ def test_conversion_keeps_template_eos_and_matches_hf(hf_dir, f16):
     assert gguf["greedy_agreement"] > 0.9
 
 
+@pytest.mark.slow
 def test_quantize_makes_a_smaller_file_and_leaves_no_partial(f16):
     out = au.gguf.quantize(f16, f16.with_name("model-Q8_0.gguf"), "Q8_0")
     meta = au.gguf.read_metadata(out)
@@ -50,6 +52,7 @@ def test_quantize_makes_a_smaller_file_and_leaves_no_partial(f16):
     assert sorted(p.name for p in f16.parent.iterdir()) == ["model-F16.gguf", "model-Q8_0.gguf"]
 
 
+@pytest.mark.slow
 def test_bad_model_folder(tmp_path, hf_dir):
     with pytest.raises(GGUFError, match="config.json missing"):
         au.gguf.convert(tmp_path / "missing", tmp_path / "x.gguf")
@@ -61,6 +64,7 @@ def test_bad_model_folder(tmp_path, hf_dir):
     assert not list(tmp_path.glob("*.gguf*")), "no file, hidden temporaries included"
 
 
+@pytest.mark.slow
 def test_corrupt_weights_fail_conversion_without_output(tmp_path, hf_dir):
     folder = tmp_path / "corrupt"
     shutil.copytree(hf_dir, folder)
@@ -71,6 +75,7 @@ def test_corrupt_weights_fail_conversion_without_output(tmp_path, hf_dir):
     assert not list(tmp_path.glob("*x.gguf*"))
 
 
+@pytest.mark.slow
 def test_unknown_quant_and_truncated_input(tmp_path, f16):
     with pytest.raises(GGUFError, match="unknown quant type 'Q3_X'"):
         au.gguf.quantize(f16, tmp_path / "q.gguf", "Q3_X")
@@ -100,6 +105,7 @@ def tiny_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_names_the_file_leaves_nothing_and_the_next_run_redoes_it(hf_dir, f16, tiny_disk):
     out = tiny_disk / "model-Q8_0.gguf"
     with pytest.raises(GGUFError) as caught:
@@ -115,3 +121,29 @@ def test_a_full_disk_names_the_file_leaves_nothing_and_the_next_run_redoes_it(hf
     subprocess.run(["mount", "-o", "remount,size=200m", "tmpfs", str(tiny_disk)], check=True)  # space freed
     assert au.gguf.read_metadata(au.gguf.quantize(f16, out, "Q8_0"))["n_tensors"] > 0
     assert [p.name for p in tiny_disk.iterdir()] == [out.name]
+
+
+def test_served_f16_serves_the_converted_file_and_removes_it(tmp_path, monkeypatch):
+    seen = {}
+
+    def convert(model_dir, out):
+        seen["model_dir"] = model_dir
+        out.write_bytes(b"GGUF")
+        return out
+
+    @contextlib.contextmanager
+    def llama_server(gguf, **options):
+        seen["gguf"], seen["options"] = gguf, options
+        assert gguf.is_file()
+        yield "server"
+
+    monkeypatch.setattr(au.gguf, "convert", convert)
+    monkeypatch.setattr(au.gguf, "llama_server", llama_server)
+    with au.gguf.served_f16("hf", name="sft", workdir=tmp_path, parallel=3, ctx_size=512, threads=1) as server:
+        assert server == "server"
+    assert seen["model_dir"] == "hf" and seen["gguf"].name == "sft-F16.gguf" and seen["gguf"].parent.parent == tmp_path
+    assert seen["options"] == {"parallel": 3, "ctx_size": 512, "threads": 1}
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="body failed"), au.gguf.served_f16("hf", workdir=tmp_path):
+        raise RuntimeError("body failed")
+    assert list(tmp_path.iterdir()) == [], "removed also when the body raises"

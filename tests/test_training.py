@@ -307,6 +307,26 @@ def test_save_adapter_replaces_the_folder_only_with_a_complete_adapter(tmp_path)
                                                                "tokenizer.json": "new"}
 
 
+class _Evaluates:
+    """A trainer stand-in: a log history, a global step and an `evaluate` that counts its calls."""
+
+    def __init__(self, log_history, global_step):
+        self.state = type("State", (), {"log_history": log_history, "global_step": global_step})()
+        self.calls = 0
+
+    def evaluate(self):
+        self.calls += 1
+        return {"eval_loss": 1.0}
+
+
+def test_final_evaluation_evaluates_only_when_the_schedule_did_not_at_the_last_step():
+    logged = {"eval_loss": 2.0, "epoch": 0.5, "step": 30}
+    at_last = _Evaluates([{"loss": 3.0, "step": 30}, logged, {"train_loss": 3.0, "step": 30}], global_step=30)
+    assert training.final_evaluation(at_last) == logged and at_last.calls == 0
+    earlier = _Evaluates([{"eval_loss": 2.5, "step": 20}], global_step=30)
+    assert training.final_evaluation(earlier) == {"eval_loss": 1.0} and earlier.calls == 1
+
+
 @pytest.mark.slow
 def test_accelerate_runs_sft_as_two_cpu_processes(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.launcher": "accelerate", "sft.max_steps": 2, "sft.eval_steps": 100,
