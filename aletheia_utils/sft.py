@@ -14,8 +14,6 @@ from trl import SFTTrainer
 from . import config as config_mod
 from . import data, pipeline, training
 
-# still called as `au.sft.*` by 08_evaluate and benchmarks/recipe.py, which are not this change's to edit
-
 
 def sft_records(rows: list[dict], style: str) -> list[dict]:
     """prompt/completion records TRL understands: conversational for the chat template, plain text with the
