@@ -33,6 +33,44 @@ def machine() -> dict:
             "load_average_1_5_15": list(os.getloadavg())}
 
 
+def matmul_peak(n: int = 2048, warmup: int = 3, reps: int = 10, budget_s: float = 5.0) -> dict:
+    """The machine's matmul peak: FLOP/s of an n×n by n×n `torch.mm` (2·n³ FLOPs) in bf16 and in fp32 at torch's
+    current thread count (set it as training will run first), the best of up to `reps` timed multiplications after
+    `warmup` untimed ones of both dtypes (the BLAS thread pools start on the first calls), each dtype cut short once
+    `budget_s` is spent (an emulated bf16 matmul can be slow). `peak_flops` is the faster of the two: what a
+    variant's fraction of the peak is taken against."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    result = {"n": n, "threads": torch.get_num_threads()}
+    operands = {"bf16": (a.bfloat16(), b.bfloat16()), "fp32": (a, b)}
+    for x, y in operands.values():
+        for _ in range(warmup):
+            torch.mm(x, y)
+    for name, (x, y) in operands.items():
+        times, start = [], time.perf_counter()
+        while len(times) < reps and (not times or time.perf_counter() - start < budget_s):
+            t0 = time.perf_counter()
+            torch.mm(x, y)
+            times.append(time.perf_counter() - t0)
+        result[f"{name}_flops"] = 2 * n**3 / min(times)
+        result[f"{name}_reps"] = len(times)
+    result["peak_flops"] = max(result["bf16_flops"], result["fp32_flops"])
+    result["peak_precision"] = "bf16" if result["bf16_flops"] >= result["fp32_flops"] else "fp32"
+    print(f"matmul peak ({n}x{n}, {result['threads']} threads): bf16 {result['bf16_flops'] / 1e9:.1f} GFLOP/s, "
+          f"fp32 {result['fp32_flops'] / 1e9:.1f} GFLOP/s", flush=True)
+    return result
+
+
+def against_peak(flops: float, seconds: float, peak: dict, precision: str) -> dict:
+    """A variant's model FLOPs over its time, as FLOP/s and as fractions of `matmul_peak`'s faster dtype and of the
+    dtype the variant trained in."""
+    achieved = flops / seconds
+    return {"model_flops": flops, "model_flops_per_s": achieved, "fraction_of_peak": achieved / peak["peak_flops"],
+            "fraction_of_own_precision_peak": achieved / peak[f"{precision}_flops"]}
+
+
 def source_run(path: str | None) -> Path:
     """The finished run whose curated data (and adapters) a benchmark reuses, as an absolute path (a scratch run's
     links to it must not dangle); a clear error if it is missing."""

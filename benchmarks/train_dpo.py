@@ -6,7 +6,9 @@ SFT adapter on the same pairs.
 
 Each variant runs the stage as 03_dpo does: build the trainer, evaluate the held-out pairs, train one epoch,
 evaluate again. pairs/s is the training pairs over build + train time (building includes the project's one
-reference pass); the held-out results after training are compared. Writes benchmarks/results/train_dpo.{json,png}.
+reference pass); the held-out results after training are compared. Each variant's model FLOP/s over the same time
+(`model_flops`) is set against the machine's matmul peak, measured at the start of the run
+(`common.matmul_peak`). Writes benchmarks/results/train_dpo.{json,png}.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import tempfile
 
 import common
+import flops
 import torch
 
 import aletheia_utils as au
@@ -54,7 +57,22 @@ def project_trainer(cfg, run_root, plain_head: bool = True):
     return trainer
 
 
-def measure(name: str, build, n_pairs: int, n_val: int) -> dict:
+def model_flops(trainer) -> dict:
+    """The model FLOPs of what pairs/s times (build + train, `flops.pair_flops`): the policy's forward and backward on
+    every training pair's chosen and rejected sequences, and one reference forward of each training pair, in
+    training (stock) or in the build (`precompute_ref_log_probs`: the project), whose build also runs the reference
+    forward of the held-out pairs that both evaluations then reuse. Logits of the answer tokens only, no padding."""
+    config, lora, length = trainer.model.config, flops.trainable_params(trainer.model), trainer.args.max_length
+    policy = flops.pair_flops(config, lora, trainer.train_dataset, length, backward=True)
+    reference = flops.pair_flops(config, lora, trainer.train_dataset, length, backward=False)
+    if trainer.args.precompute_ref_log_probs and trainer.eval_dataset is not None:
+        reference += flops.pair_flops(config, lora, trainer.eval_dataset, length, backward=False)
+    return {"lora_params": lora, "policy_flops": policy, "reference_flops": reference, "flops": policy + reference}
+
+
+def measure(name: str, build, n_pairs: int, n_val: int, peak: dict) -> dict:
+    """Build, evaluate, train, evaluate as 03 does; pairs/s and model FLOP/s (against the machine's matmul `peak`)
+    over build + train time."""
     torch.manual_seed(0)
     load = list(common.os.getloadavg())
     with common.Timer() as built:
@@ -66,6 +84,8 @@ def measure(name: str, build, n_pairs: int, n_val: int) -> dict:
     with common.Timer() as after:
         val_after = trainer.evaluate()
     steps = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+    counted = model_flops(trainer)
+    precision = "bf16" if trainer.args.bf16 else "fp32"
     row = {"variant": name, "micro_batch": trainer.args.per_device_train_batch_size,
            "gradient_accumulation": trainer.args.gradient_accumulation_steps,
            "cpu_s": built.cpu_s + before.cpu_s + trained.cpu_s + after.cpu_s, "build_s": built.s,
@@ -77,8 +97,11 @@ def measure(name: str, build, n_pairs: int, n_val: int) -> dict:
            "steps": trainer.state.global_step, "loss_per_step": [h["loss"] for h in steps],
            "train_loss": output.training_loss, "val_loss_before": val_before["eval_loss"],
            "val_loss_after": val_after["eval_loss"], "val_accuracy_after": val_after["eval_rewards/accuracies"],
-           "val_margin_after": val_after["eval_rewards/margins"], "precision": "bf16" if trainer.args.bf16 else "fp32",
+           "val_margin_after": val_after["eval_rewards/margins"], "precision": precision,
+           **common.against_peak(counted.pop("flops"), built.s + trained.s, peak, precision), **counted,
            "load_average_before": load}
+    print(f"{name}: {row['pairs_per_s']:.3f} pairs/s, {row['model_flops_per_s'] / 1e9:.1f} model GFLOP/s, "
+          f"{row['fraction_of_peak']:.1%} of the matmul peak", flush=True)
     return common.shown(row)
 
 
@@ -95,6 +118,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     source = common.source_run(args.run_dir)
     machine = common.machine()
+    peak = common.matmul_peak()  # at the thread count training runs with
     cfg = au.config.load(common.ROOT / "params" / "default.yaml", {
         "dpo.max_steps": -1, "dpo.num_epochs": 1, "dpo.logging_steps": 1, "dpo.eval_steps": 10**6,
         "dpo.save_steps": 10**6, "dpo.rejected": "curated"})  # every variant trains on exactly the same pairs
@@ -112,7 +136,7 @@ def main() -> None:
                     "project": lambda: project_trainer(cfg, run_root),
                     "project_trl_head": lambda: project_trainer(cfg, run_root, plain_head=False)}
         for name in args.variants.split(","):
-            results.append(measure(name, builders[name], len(rows), len(val_rows)))
+            results.append(measure(name, builders[name], len(rows), len(val_rows), peak))
         if args.profile:
             profiled = common.profile(project_trainer(cfg, run_root).train)
     base = results[0]
@@ -121,12 +145,15 @@ def main() -> None:
         r["stage_speedup_vs_" + base["variant"]] = base["stage_s"] / r["stage_s"]
         r["cpu_speedup_vs_" + base["variant"]] = r["pairs_per_cpu_s"] / base["pairs_per_cpu_s"]
     summary = {r["variant"]: {k: round(r[k], 4) for k in ("pairs_per_s", "stage_s", "train_loss", "val_loss_after",
-                                                         "val_accuracy_after", "val_margin_after")}
+                                                         "val_accuracy_after", "val_margin_after",
+                                                         "fraction_of_peak")}
+               | {"model_gflops_per_s": round(r["model_flops_per_s"] / 1e9, 1)}
                | {"speedup": round(r["speedup_vs_" + base["variant"]], 2),
                   "stage_speedup": round(r["stage_speedup_vs_" + base["variant"]], 2),
                   "cpu_time_speedup": round(r["cpu_speedup_vs_" + base["variant"]], 2)} for r in results}
     print(summary)
-    common.write("train_dpo", {"machine": machine, "source_run": common.relative(source), "summary": summary,
+    common.write("train_dpo", {"machine": machine, "matmul_peak": peak, "source_run": common.relative(source),
+                               "summary": summary,
                                "variants": results, "profile_project": profiled},
                  {r["variant"]: r["pairs_per_s"] for r in results}, "DPO pairs/s (higher is better)")
 

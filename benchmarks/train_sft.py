@@ -4,7 +4,9 @@
     .venv/bin/python benchmarks/train_sft.py [--steps 8] [--run-dir runs/default-check]
 
 Both train `--steps` optimizer steps from the same seed on the same batches; the training losses per step and the
-validation loss afterwards are compared (same result, faster). Writes benchmarks/results/train_sft.{json,png}.
+validation loss afterwards are compared (same result, faster). Each variant's model FLOP/s over its training time
+(`model_flops`) is set against the machine's matmul peak, measured at the start of the run (`common.matmul_peak`).
+Writes benchmarks/results/train_sft.{json,png}.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import tempfile
 
 import common
+import flops
 import torch
 
 import aletheia_utils as au
@@ -55,8 +58,19 @@ def project_trainer(cfg, run_root):
     return trainer
 
 
-def measure(name: str, build, val_dataset) -> dict:
-    """Train, then evaluate on the validation rows; tokens/s counts the real (unpadded) input tokens."""
+def model_flops(trainer, tokens: int) -> dict:
+    """The model FLOPs of training `tokens` tokens (`flops.model_flops_per_token`): the trainer's LoRA weights, the
+    mean causal context of its packed sequences and the logits of the scored (completion) tokens only."""
+    stats = flops.packed_stats(trainer.train_dataset)
+    lora = flops.trainable_params(trainer.model)
+    per_token = flops.model_flops_per_token(trainer.model.config, lora, stats["context"], stats["head_fraction"])
+    return {"lora_params": lora, "attention_context": stats["context"], "head_fraction": stats["head_fraction"],
+            "model_flops_per_token": per_token, "flops": tokens * per_token}
+
+
+def measure(name: str, build, val_dataset, peak: dict) -> dict:
+    """Train, then evaluate on the validation rows; tokens/s counts the real (unpadded) input tokens, model FLOP/s
+    the model FLOPs of those tokens over the same training time, against the machine's matmul `peak`."""
     with common.Timer() as built:
         trainer = build()
     lora_a = next(p for n, p in trainer.model.named_parameters() if "lora_A" in n)
@@ -68,6 +82,8 @@ def measure(name: str, build, val_dataset) -> dict:
         val = trainer.evaluate(eval_dataset=val_dataset)
     tokens = trainer.state.num_input_tokens_seen
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    counted = model_flops(trainer, tokens)
+    precision = "bf16" if trainer.args.bf16 else "fp32"
     row = {"variant": name, "build_s": built.s, "train_s": trained.s, "train_cpu_s": trained.cpu_s,
            "micro_batch": trainer.args.per_device_train_batch_size,
            "gradient_accumulation": trainer.args.gradient_accumulation_steps,
@@ -75,8 +91,11 @@ def measure(name: str, build, val_dataset) -> dict:
            "tokens": tokens, "tokens_per_s": tokens / trained.s,
            "tokens_per_cpu_s": tokens / trained.cpu_s, "steps": trainer.state.global_step,
            "loss_per_step": losses, "train_loss": output.training_loss, "val_loss": val["eval_loss"],
-           "val_s": evaluated.s, "precision": "bf16" if trainer.args.bf16 else "fp32",
+           "val_s": evaluated.s, "precision": precision,
+           **common.against_peak(counted.pop("flops"), trained.s, peak, precision), **counted,
            "lora_A_init_checksum": init_checksum, "load_average_before": load}
+    print(f"{name}: {row['tokens_per_s']:.1f} tokens/s, {row['model_flops_per_s'] / 1e9:.1f} model GFLOP/s, "
+          f"{row['fraction_of_peak']:.1%} of the matmul peak", flush=True)
     return common.shown(row)
 
 
@@ -93,6 +112,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     source = common.source_run(args.run_dir)
     machine = common.machine()
+    peak = common.matmul_peak()  # at the thread count training runs with
     cfg = au.config.load(common.ROOT / "params" / "default.yaml", {"sft.max_steps": args.steps, "sft.logging_steps": 1})
     from datasets import Dataset
 
@@ -108,7 +128,7 @@ def main() -> None:
                     "stock-fp32": lambda: stock_trainer(cfg, rows, bf16=False),
                     "project": lambda: project_trainer(cfg, run_root)}
         for name in args.variants.split(","):
-            rows_out.append(measure(name, builders[name], val))
+            rows_out.append(measure(name, builders[name], val, peak))
         if args.profile_steps:
             short = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"max_steps": args.profile_steps})})
             profiled = common.profile(project_trainer(short, run_root).train)
@@ -124,10 +144,13 @@ def main() -> None:
     summary = {r["variant"]: {"tokens_per_s": round(r["tokens_per_s"], 1),
                               "speedup": round(r["speedup_vs_" + base["variant"]], 2),
                               "cpu_time_speedup": round(r["cpu_speedup_vs_" + base["variant"]], 2),
+                              "model_gflops_per_s": round(r["model_flops_per_s"] / 1e9, 1),
+                              "fraction_of_peak": round(r["fraction_of_peak"], 4),
                               "train_loss": round(r["train_loss"], 4), "val_loss": round(r["val_loss"], 4)}
                for r in rows_out}
     print(summary)
-    common.write("train_sft", {"machine": machine, "source_run": common.relative(source), "steps": args.steps,
+    common.write("train_sft", {"machine": machine, "matmul_peak": peak, "source_run": common.relative(source),
+                               "steps": args.steps,
                                "tokens_per_step": rows_out[0]["tokens"] / args.steps, "summary": summary,
                                "variants": rows_out, "profile_project": profiled},
                  {r["variant"]: r["tokens_per_s"] for r in rows_out}, "SFT tokens/s (higher is better)")
