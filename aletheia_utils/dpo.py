@@ -17,30 +17,36 @@ from . import config as config_mod
 from . import data, generation, gguf, merge, pipeline, training
 
 
-def fit_pairs(rows: list[dict], tokenizer, max_len: int, policy: str) -> tuple[list[dict], int]:
-    """`training.apply_overlong` for pairs, measured on the prompt with the longer of the two answers."""
-    texts = [data.format_example(r["prompt"], max(r["chosen"], r["rejected"], key=len), "chat_template", tokenizer)
+def fit_pairs(rows: list[dict], tokenizer, style: str, max_len: int, policy: str) -> tuple[list[dict], int]:
+    """`training.apply_overlong` for pairs, measured as the trainer will format the prompt with the longer of the two
+    answers."""
+    texts = [data.format_example(r["prompt"], max(r["chosen"], r["rejected"], key=len), style, tokenizer)
              for r in rows]
     return training.apply_overlong(rows, texts, tokenizer, max_len, policy)
 
 
-def records(rows: list[dict]) -> list[dict]:
-    """Conversational preference records: TRL applies the chat template to prompt, chosen and rejected."""
-    return [{"prompt": [{"role": "user", "content": r["prompt"]}],
-             "chosen": [{"role": "assistant", "content": r["chosen"]}],
-             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
+def records(rows: list[dict], style: str) -> list[dict]:
+    """Preference records TRL understands, in the format SFT trained on: conversational for the chat template (TRL
+    applies it), plain text with the seed's markers otherwise (TRL appends the EOS token to chosen and rejected)."""
+    if style == "chat_template":
+        return [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                 "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                 "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
+    return [{"prompt": data.format_prompt(r["prompt"], "markers"), "chosen": r["chosen"], "rejected": r["rejected"]}
+            for r in rows]
 
 
 def policy_answers(cfg: config_mod.Config, adapter: Path, prompts: list[str]) -> list[generation.Answer]:
-    """The SFT policy's own answers to `prompts`, up to `data.rejected_max_tokens` tokens. The embedded model: merged,
-    converted to an F16 GGUF and decoded on llama-server's slots with `dpo.rejected_sampling` (the fast path on a CPU);
-    any other model: transformers `generate`, plain greedy, on the adapter model."""
+    """The SFT policy's own answers to `prompts`, prompted in `data.prompt_format`, up to `data.rejected_max_tokens`
+    tokens. The embedded model: merged, converted to an F16 GGUF and decoded on llama-server's slots with
+    `dpo.rejected_sampling` (the fast path on a CPU); any other model: transformers `generate`, plain greedy, on the
+    adapter model."""
     import tempfile
 
     model, tokenizer = merge.load_adapter_model(cfg.run.base_model, adapter)
-    limit = cfg.data.rejected_max_tokens
+    limit, style = cfg.data.rejected_max_tokens, cfg.data.prompt_format
     if not cfg.run.base_model.startswith("embedded:"):
-        return generation.hf_answers(model, tokenizer, prompts, "chat_template", max_new_tokens=limit)
+        return generation.hf_answers(model, tokenizer, prompts, style, max_new_tokens=limit)
     with tempfile.TemporaryDirectory(prefix=".policy-", dir=adapter.parent) as tmp:
         folder = merge.save_merged(model, tokenizer, Path(tmp) / "merged")
         del model
@@ -48,7 +54,7 @@ def policy_answers(cfg: config_mod.Config, adapter: Path, prompts: list[str]) ->
                              ctx_size=cfg.dpo.max_seq_length + limit, threads=pipeline.use_threads(cfg)) as server:
             answers = generation.server_answers(
                 server, prompts, max_new_tokens=limit, sampling=cfg.dpo.rejected_sampling.model_dump(),
-                concurrency=cfg.serve.parallel, timeout=cfg.serve.request_timeout_s)[0]
+                concurrency=cfg.serve.parallel, timeout=cfg.serve.request_timeout_s, style=style)[0]
             if None in answers:
                 raise RuntimeError(f"llama-server failed {answers.count(None)} of {len(prompts)} policy answers; "
                                    f"last lines of its log:\n{server.log_tail()}")
@@ -62,7 +68,8 @@ def policy_pairs(cfg: config_mod.Config, paths: pipeline.RunPaths) -> dict[str, 
     settings; a rerun with the same inputs reads them back. Returns {"dpo": train file, "dpo_val": validation file}."""
     src, adapter, out = paths.root / "01_curate", paths.root / "02_sft" / "adapter", paths.stage("03_dpo") / "pairs"
     names = ("dpo", "dpo_val")
-    key = training.fingerprint(cfg.run.base_model, cfg.data.rejected_max_tokens, cfg.dpo.rejected_sampling.model_dump(),
+    key = training.fingerprint(cfg.run.base_model, cfg.data.prompt_format, cfg.data.rejected_max_tokens,
+                               cfg.dpo.rejected_sampling.model_dump(),
                                files=(*(src / f"{n}.jsonl" for n in names), adapter / "adapter_model.safetensors"))
     made = {n: out / f"{n}.jsonl" for n in names}
     stamp = out / "made_from.json"
@@ -156,16 +163,17 @@ def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> training.Prepar
     precision = choice["precision"]
     model, tokenizer = training.load_base(cfg.run.base_model, cfg.sft.load_in_8bit, precision, device)
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-    train_rows, over_train = fit_pairs(train_rows, tokenizer, d.max_seq_length, d.overlong)
-    val_rows, over_val = fit_pairs(val_rows, tokenizer, d.max_seq_length, d.overlong)
+    style = cfg.data.prompt_format
+    train_rows, over_train = fit_pairs(train_rows, tokenizer, style, d.max_seq_length, d.overlong)
+    val_rows, over_val = fit_pairs(val_rows, tokenizer, style, d.max_seq_length, d.overlong)
     losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, d.sft_weight]} if d.sft_weight else {}
     args = training.training_args(d, stage / "checkpoints", cfg.run.seed, precision, device) | dict(
         beta=d.beta, max_length=d.max_seq_length, eval_strategy="steps", eval_steps=d.eval_steps,
         precompute_ref_log_probs=True, **losses)
     return training.Prepared(
-        model=model, tokenizer=tokenizer, train_dataset=Dataset.from_list(records(train_rows)),
-        eval_dataset=Dataset.from_list(records(val_rows)), args=args, callbacks=training.callbacks(stage),
-        fingerprint=training.fingerprint(d.model_dump(), cfg.run.base_model, cfg.run.seed, files=(
+        model=model, tokenizer=tokenizer, train_dataset=Dataset.from_list(records(train_rows, style)),
+        eval_dataset=Dataset.from_list(records(val_rows, style)), args=args, callbacks=training.callbacks(stage),
+        fingerprint=training.fingerprint(d.model_dump(), cfg.run.base_model, cfg.run.seed, style, files=(
             pairs["dpo"], pairs["dpo_val"], adapter / "adapter_model.safetensors")),
         info={"train_pairs": len(train_rows), "validation_pairs": len(val_rows),
               "device": device, "precision": precision, "precision_choice": choice,

@@ -1,7 +1,8 @@
 """Answers to prompts, each saying how many tokens it took and whether it ended on its own (end-of-turn before the
 token limit): transformers `generate` in left-padded batches, plain greedy (02/03's before and after), or an
-OpenAI-compatible server's chat endpoint (llama-server), greedy or sampled with a seed, with llama-server's own sampler
-fields for repetition control (`eval.generation`), which 08 uses for every compared model.
+OpenAI-compatible server (llama-server: its chat endpoint, or its completion endpoint for the `markers` prompt format),
+greedy or sampled with a seed, with llama-server's own sampler fields for repetition control (`eval.generation`),
+which 08 uses for every compared model.
 """
 
 from __future__ import annotations
@@ -61,23 +62,29 @@ def hf_answers(model, tokenizer, prompts: Sequence[str], style: str, *, max_new_
 
 def server_answers(server, prompts: Sequence[str], *, max_new_tokens: int, sampling: dict | None = None,
                    temperature: float = 0.0, samples: int = 1, seed: int = 0, concurrency: int = 4,
-                   timeout: float = 300) -> list[list[Answer | None]]:
-    """`samples` chat answers per prompt from an OpenAI-compatible server, as one list per sample (None where a
-    request failed), all decoded `concurrency` at a time: greedy at `temperature` 0, else sample j is drawn with
-    seed `seed + j`. `sampling`: llama-server's own sampler fields (e.g. `repeat_penalty`), sent as they are."""
+                   timeout: float = 300, style: str = "chat_template") -> list[list[Answer | None]]:
+    """`samples` answers per prompt from an OpenAI-compatible server, as one list per sample (None where a request
+    failed), all decoded `concurrency` at a time: greedy at `temperature` 0, else sample j is drawn with seed
+    `seed + j`. `style` is the prompt format: `chat_template` asks the chat endpoint (the server applies the model's
+    template), `markers` the completion endpoint with the markers prompt text. `sampling`: llama-server's own
+    sampler fields (e.g. `repeat_penalty`), sent as they are."""
     api = serve.client(server, timeout=timeout)
 
     def one(job: tuple[int, str]) -> Answer | None:
         j, prompt = job
+        kw = dict(model=server.model, max_tokens=max_new_tokens, temperature=temperature, seed=seed + j,
+                  extra_body=sampling or {})
         try:
-            r = api.chat.completions.create(model=server.model, messages=[{"role": "user", "content": prompt}],
-                                            max_tokens=max_new_tokens, temperature=temperature, seed=seed + j,
-                                            extra_body=sampling or {})
+            if style == "markers":
+                r = api.completions.create(prompt=data.format_prompt(prompt, style), **kw)
+                text = r.choices[0].text
+            else:
+                r = api.chat.completions.create(messages=[{"role": "user", "content": prompt}], **kw)
+                text = r.choices[0].message.content
         except openai.OpenAIError:
             return None
-        choice = r.choices[0]
-        return Answer((choice.message.content or "").strip(), r.usage.completion_tokens if r.usage else 0,
-                      choice.finish_reason == "stop")
+        return Answer((text or "").strip(), r.usage.completion_tokens if r.usage else 0,
+                      r.choices[0].finish_reason == "stop")
 
     with ThreadPoolExecutor(concurrency) as pool:
         flat = list(pool.map(one, [(j, p) for j in range(samples) for p in prompts]))

@@ -41,8 +41,10 @@ def stock_trainer(cfg, source, rows, val_rows):
                      lr_scheduler_type=d.lr_scheduler, warmup_steps=d.warmup_ratio, weight_decay=d.weight_decay,
                      num_train_epochs=1, logging_steps=1, save_strategy="no", seed=cfg.run.seed, data_seed=cfg.run.seed,
                      beta=d.beta, max_length=d.max_seq_length)
-    return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(au.dpo.records(rows)),
-                      eval_dataset=Dataset.from_list(au.dpo.records(val_rows)), processing_class=tok)
+    style = cfg.data.prompt_format
+    return DPOTrainer(model=model, ref_model=None, args=args, processing_class=tok,
+                      train_dataset=Dataset.from_list(au.dpo.records(rows, style)),
+                      eval_dataset=Dataset.from_list(au.dpo.records(val_rows, style)))
 
 
 def project_trainer(cfg, run_root, plain_head: bool = True):
@@ -124,7 +126,7 @@ def main() -> None:
         "dpo.save_steps": 10**6, "dpo.rejected": "curated"})  # every variant trains on exactly the same pairs
     _, tok = au.training.load_base(cfg.run.base_model)
     fit = lambda name, n: au.dpo.fit_pairs(au.data.load_split(source / "01_curate" / name, "dpo"), tok,  # noqa: E731
-                                          cfg.dpo.max_seq_length, cfg.dpo.overlong)[0][:n]
+                                          cfg.data.prompt_format, cfg.dpo.max_seq_length, cfg.dpo.overlong)[0][:n]
     rows, val_rows = fit("dpo.jsonl", args.pairs), fit("dpo_val.jsonl", args.val_pairs)
     results, profiled = [], None
     with common.scratch_run(source, "02_sft") as run_root:

@@ -1,6 +1,10 @@
 """Answers made the same way for every compared model: transformers in left-padded batches and llama-server slots,
 each saying how many tokens it took and whether it ended on its own."""
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 
 import aletheia_utils as au
@@ -22,6 +26,60 @@ def server():
         pytest.skip(str(e))
     with au.serve.llama_server(au.models.embedded_gguf("smollm2-135m-instruct"), parallel=2, ctx_size=512) as s:
         yield s
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """An OpenAI-compatible server that keeps each request's path and body and answers " An answer. " (2 tokens)."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append((self.path, body))
+        chat = "messages" in body
+        text = " An answer. "
+        choice = {"index": 0, "finish_reason": "stop",
+                  **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
+        out = json.dumps({"id": "x", "object": "chat.completion" if chat else "text_completion", "created": 0,
+                          "model": body["model"], "choices": [choice],
+                          "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def recorder():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    httpd.requests = []
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield au.serve.Server("fake", f"http://127.0.0.1:{httpd.server_port}/v1", "k", "m", None, None), httpd.requests
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize("style", ["chat_template", "markers"])
+def test_server_answers_ask_in_the_prompt_format(recorder, style):
+    """The chat endpoint for the chat template (the server applies it); the completion endpoint with the markers text
+    for `markers`, which a chat endpoint would wrap in the chat template instead."""
+    server, requests = recorder
+    requests.clear()
+    [[answer]] = au.generation.server_answers(server, ["What is a TLB?"], max_new_tokens=4, seed=3, style=style,
+                                              sampling={"repeat_penalty": 1.1})
+    assert answer == au.generation.Answer("An answer.", 2, True)
+    [(path, body)] = requests
+    if style == "markers":
+        assert path == "/v1/completions" and "messages" not in body
+        assert body["prompt"] == "### Instruction:\nWhat is a TLB?\n\n### Response:\n"
+    else:
+        assert path == "/v1/chat/completions" and "prompt" not in body
+        assert body["messages"] == [{"role": "user", "content": "What is a TLB?"}]
+    assert (body["max_tokens"], body["seed"], body["temperature"], body["repeat_penalty"]) == (4, 3, 0.0, 1.1)
 
 
 def test_hf_answers_count_a_cut_answer_as_not_ended(model_and_tokenizer):

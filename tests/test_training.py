@@ -182,6 +182,34 @@ def test_dpo_on_policy_pairs_are_the_sft_models_own_answers(tmp_path):
 
 
 @pytest.mark.slow
+def test_dpo_follows_the_markers_format_from_the_policys_answers_to_training(tmp_path, monkeypatch):
+    """`data.prompt_format: markers` through 02 and 03 (on-policy pairs, as the smoke run): the SFT policy is asked
+    in the markers format, and DPO trains on markers text whose answers end with EOS, as SFT did."""
+    params, run_dir = make_run(tmp_path, {"data.prompt_format": "markers", "sft.max_steps": 1,
+                                          "data.rejected_max_tokens": 24, "dpo.max_steps": 1}, n_train=4)
+    sft_adapter_and_pairs(params, run_dir)
+    asked, server_answers = [], dpo.generation.server_answers
+
+    def recorded(*args, **kwargs):
+        asked.append(kwargs.get("style"))
+        return server_answers(*args, **kwargs)
+
+    monkeypatch.setattr(dpo.generation, "server_answers", recorded)
+    cfg = config.load(params)
+    assert cfg.dpo.rejected == "policy"
+    trainer, info = dpo.build_trainer(cfg, pipeline.RunPaths.for_run(cfg, run_dir))
+    assert asked == ["markers"]
+    rows = data.load_split(run_dir / "03_dpo" / "pairs" / "dpo.jsonl", "dpo")
+    assert {r["rejected_source"] for r in rows} == {"sft_policy"} and info["train_pairs"] == len(rows) > 0
+    tok = trainer.processing_class
+    for row, pair in zip(rows, trainer.train_dataset, strict=True):
+        prompt = tok(data.format_prompt(row["prompt"], "markers"), add_special_tokens=False).input_ids
+        assert pair["prompt_ids"] == prompt and pair["chosen_ids"][-1] == pair["rejected_ids"][-1] == tok.eos_token_id
+    output, _ = training.fit(trainer, run_dir / "03_dpo" / "checkpoints")
+    assert trainer.state.global_step == 1 and output.training_loss > 0
+
+
+@pytest.mark.slow
 def test_lora_trains_on_an_8bit_base(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.load_in_8bit": True, "sft.max_steps": 1, "sft.precision": "fp32"},
                                n_train=4)
