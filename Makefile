@@ -6,8 +6,10 @@ PARAMS ?= params/default.yaml
 NAME   ?=
 STAMP  := $(VENV)/.installed
 # llama.cpp's AMX kernels segfault on some AMX CPUs (ggml-org/llama.cpp#20824): llama-cpp-python is compiled without
-# them on x86-64, as `aletheia setup-llama-cpp` compiles llama-server (aletheia_utils/llamacpp.py).
+# them on x86-64, as `aletheia setup-llama-cpp` compiles llama-server (aletheia_utils/llamacpp.py), and never taken
+# from pip's wheel cache, which would hand back a wheel built earlier with other flags.
 NO_AMX := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+LLAMA_CPP_PYTHON := $(shell grep -o '"llama-cpp-python[^"]*"' pyproject.toml)
 
 .PHONY: setup run test test-fast lint lab strip clean
 
@@ -16,7 +18,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
-	CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(BIN)/pip install -e '.[dev]'
+	CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(BIN)/pip install --no-cache-dir --no-deps $(LLAMA_CPP_PYTHON)
+	$(BIN)/pip install -e '.[dev]'
 	touch $@
 
 # llama.cpp's converter and llama-server, from the installed llama-cpp-python's source (cached; ~10 min once).
