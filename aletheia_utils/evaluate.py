@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -359,16 +360,26 @@ def win_rate(results: Sequence[int], samples: int, seed: int) -> dict:
 
 def paired_differences(a: Sequence[dict | None], b: Sequence[dict | None], keys: Sequence[str] = COMPARED,
                        samples: int = 1000, seed: int = 0) -> dict[str, dict]:
-    """Per metric, over the prompts both models answered: the mean per-prompt difference A − B and its percentile
-    bootstrap 95% interval (prompts drawn with replacement; the same draws for every metric)."""
+    """Per metric, over the prompts both models answered: the mean per-prompt difference A − B, its percentile
+    bootstrap 95% interval (prompts drawn with replacement; the same draws for every metric) and the standard
+    deviation of the per-prompt differences (`sd`)."""
     both = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
     if not both:
         return {k: {"prompts": 0} for k in keys}
     d = np.array([[x[k] - y[k] for k in keys] for x, y in both], dtype=float)  # prompts × metrics
     draws = np.random.default_rng(seed).integers(0, len(both), size=(samples, len(both)))
     lo, hi = np.percentile(d[draws].mean(axis=1), [2.5, 97.5], axis=0)
-    return {k: {"mean": float(d[:, j].mean()), "ci_low": float(lo[j]), "ci_high": float(hi[j]), "prompts": len(both)}
-            for j, k in enumerate(keys)}
+    sd = d.std(axis=0, ddof=1) if len(both) > 1 else np.zeros(len(keys))
+    return {k: {"mean": float(d[:, j].mean()), "ci_low": float(lo[j]), "ci_high": float(hi[j]), "sd": float(sd[j]),
+                "prompts": len(both)} for j, k in enumerate(keys)}
+
+
+def prompts_needed(d: dict) -> int | None:
+    """About how many prompts a 95% interval needs to leave out 0 for a true mean difference of `d["mean"]` with
+    per-prompt spread `d["sd"]` (normal approximation: n = (1.96·sd / mean)²); None when the mean is 0."""
+    if not d.get("mean") or "sd" not in d:
+        return None
+    return math.ceil((1.96 * d["sd"] / abs(d["mean"])) ** 2)
 
 
 def interval(d: dict) -> str:
@@ -394,6 +405,9 @@ def verdict(a: str, b: str, differences: dict[str, dict]) -> dict[str, str]:
         word, why = "not shown", "the two metrics point in opposite directions"
     else:
         word, why = "not shown", "at least one interval includes 0, so these prompts cannot tell the two apart"
+        needed = [prompts_needed(x) for x, up, down in zip(d, above, below, strict=True) if not (up or down)]
+        if None not in needed:  # how far the eval split is from telling: the sample size this difference needs
+            why += f"; a difference this size, at this spread, needs about {max(needed)} prompts"
     numbers = ", ".join(f"{METRIC_NAMES[k]} {interval(x)}" for k, x in zip(VERDICT_METRICS, d, strict=True))
     return {"verdict": word, "line": f"{a} vs {b}: **{word}**: {why} ({numbers}; {d[0]['prompts']} prompts)."}
 

@@ -289,7 +289,7 @@ def test_a_known_difference_is_found():
     for k in ("rouge_l", "embed_sim"):
         assert diffs[k]["prompts"] == 48 and diffs[k]["mean"] == pytest.approx(0.05)
         assert 0 < diffs[k]["ci_low"] <= diffs[k]["ci_high"], diffs[k]
-    assert diffs["ended"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "prompts": 48}
+    assert diffs["ended"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "sd": 0.0, "prompts": 48}
     assert ev.verdict("tuned", "base", diffs)["verdict"] == "better"
     assert ev.verdict("base", "tuned", ev.paired_differences(base, tuned, seed=0))["verdict"] == "worse"
     # the same shift under per-prompt noise: still found, and the interval holds the true shift
@@ -302,7 +302,7 @@ def test_a_known_difference_is_found():
 def test_a_zero_difference_is_not_a_win():
     base = _prompts()
     diffs = ev.paired_differences(base, [dict(r) for r in base], ev.COMPARED, 500, 0)
-    assert all(d == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "prompts": 48} for d in diffs.values())
+    assert all(d == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "sd": 0.0, "prompts": 48} for d in diffs.values())
     assert ev.verdict("a", "b", diffs)["verdict"] == "not shown"
     w = ev.win_rate(ev.outcomes(base, base, 0.02), 500, 0)
     assert (w["wins"], w["ties"], w["losses"], w["win_rate"]) == (0, 48, 0, 0.5)
@@ -316,6 +316,19 @@ def test_noise_alone_gives_an_interval_across_zero():
                                   ev.VERDICT_METRICS, 1000, 0)
     assert all(d["ci_low"] < 0 < d["ci_high"] and abs(d["mean"]) < 1e-12 for d in diffs.values()), diffs
     assert ev.verdict("a", "b", diffs)["verdict"] == "not shown"
+
+
+def test_a_small_difference_is_not_shown_and_the_report_says_how_many_prompts_would_show_it():
+    base = _prompts()
+    e = np.random.default_rng(4).normal(0, 1, 24)
+    spread = np.concatenate([e, -e]) / np.concatenate([e, -e]).std(ddof=1) * 0.11  # sd exactly 0.11, mean 0
+    diffs = ev.paired_differences(_shifted(base, {"rouge_l": 0.05, "embed_sim": 0.013 + spread}), base,
+                                  ev.VERDICT_METRICS, 1000, 0)
+    assert diffs["embed_sim"]["sd"] == pytest.approx(0.11) and diffs["embed_sim"]["mean"] == pytest.approx(0.013)
+    assert ev.prompts_needed(diffs["embed_sim"]) == 276  # (1.96 · 0.11 / 0.013)² = 275.1
+    assert ev.prompts_needed({"mean": 0.0, "sd": 0.1}) is None
+    line = ev.verdict("dpo", "base", diffs)["line"]
+    assert "not shown" in line and "needs about 276 prompts" in line, line
 
 
 def test_only_answered_prompts_are_paired():
