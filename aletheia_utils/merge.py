@@ -73,6 +73,4 @@ def model_card(target: Path, *, base_model: str, adapter: Path, data_files: list
               f"max |Δ| = {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e}), argmax agreement "
               f"{check['argmax_agreement']:.4f}, greedy answers identical on {check['greedy_identical']} of "
               f"{check['prompts']}.", "", "## Params", "", "```json", json.dumps(params, indent=2), "```", ""]
-    path = target / "README.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return files.write_text(target / "README.md", "\n".join(lines))
