@@ -407,7 +407,9 @@ def verdict(a: str, b: str, differences: dict[str, dict]) -> dict[str, str]:
         word, why = "not shown", "at least one interval includes 0, so these prompts cannot tell the two apart"
         needed = [prompts_needed(x) for x, up, down in zip(d, above, below, strict=True) if not (up or down)]
         if None not in needed:  # how far the eval split is from telling: the sample size this difference needs
-            why += f"; a difference this size, at this spread, needs about {max(needed)} prompts"
+            n = max(needed)
+            why += (f"; a difference this size, at this spread, needs about {n} prompts" if n <= 10 * d[0]["prompts"]
+                    else "; a difference this size, at this spread, needs over ten times these prompts")
     numbers = ", ".join(f"{METRIC_NAMES[k]} {interval(x)}" for k, x in zip(VERDICT_METRICS, d, strict=True))
     return {"verdict": word, "line": f"{a} vs {b}: **{word}**: {why} ({numbers}; {d[0]['prompts']} prompts)."}
 

@@ -329,6 +329,8 @@ def test_a_small_difference_is_not_shown_and_the_report_says_how_many_prompts_wo
     assert ev.prompts_needed({"mean": 0.0, "sd": 0.1}) is None
     line = ev.verdict("dpo", "base", diffs)["line"]
     assert "not shown" in line and "needs about 276 prompts" in line, line
+    tiny = {**diffs, "embed_sim": {**diffs["embed_sim"], "mean": 0.001}}  # (1.96 · 0.11 / 0.001)² ≈ 46,000
+    assert ev.verdict("dpo", "base", tiny)["line"].count("needs over ten times these prompts") == 1
 
 
 def test_only_answered_prompts_are_paired():
