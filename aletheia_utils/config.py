@@ -156,6 +156,7 @@ class SFT(Train):
     lora: Lora
     packing: bool = True
     completion_only_loss: bool = True
+    neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: noise on the input embeddings")
     eval_steps: int = Field(50, ge=1)
     init_adapter: str | None = None
     launcher: Literal["python", "accelerate"] = "python"

@@ -63,7 +63,7 @@ def prepare(cfg: config_mod.Config, paths: pipeline.RunPaths) -> training.Prepar
         model = PeftModel.from_pretrained(model, s.init_adapter, is_trainable=True)
     args = training.training_args(s, stage / "checkpoints", cfg.run.seed, precision, device) | dict(
         max_length=s.max_seq_length, packing=s.packing, completion_only_loss=s.completion_only_loss,
-        eval_strategy="steps" if val_rows else "no", eval_steps=s.eval_steps)
+        neftune_noise_alpha=s.neftune_noise_alpha, eval_strategy="steps" if val_rows else "no", eval_steps=s.eval_steps)
     return training.Prepared(
         model=model, tokenizer=tokenizer, train_dataset=Dataset.from_list(sft_records(train_rows, style)),
         eval_dataset=Dataset.from_list(sft_records(val_rows, style)) if val_rows else None,

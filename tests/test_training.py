@@ -81,6 +81,13 @@ def test_overlong_rows_are_counted_and_dropped(tmp_path):
     assert choice["precision"] == training.faster_precision(choice["bf16_gflops"], choice["fp32_gflops"])
 
 
+def test_neftune_noise_alpha_reaches_the_trainer(tmp_path):
+    trainer, _ = build(*make_run(tmp_path, {"sft.neftune_noise_alpha": 5.0}))
+    assert trainer.args.neftune_noise_alpha == 5.0
+    (tmp_path / "off").mkdir()
+    assert build(*make_run(tmp_path / "off"))[0].args.neftune_noise_alpha is None  # off unless set
+
+
 def _never():
     raise AssertionError("measured although the choice did not need it")
 
