@@ -389,11 +389,12 @@ class QuietLocalExecutor(LocalPipelineExecutor):
             return super()._run_for_rank(rank, local_rank, node_rank)
 
 
-def _ray_init(ex) -> None:
+def _ray_init(ex) -> bool:
+    """Connect to `ex.ray_address`, or start a local Ray of `ex.workers` CPUs; False if Ray was already up."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     try:
         if ex.ray_address:
             ray.init(address=ex.ray_address, log_to_driver=False)
@@ -403,18 +404,35 @@ def _ray_init(ex) -> None:
         ray.shutdown()  # a local start that timed out leaves Ray's own servers running otherwise
         where = f"at {ex.ray_address}" if ex.ray_address else "locally"
         raise ExecutorUnavailable(f"cannot start the Ray executor {where}: {str(e).splitlines()[0]}") from None
+    return True
 
 
-def check_executor(ex) -> None:
-    """Fail at once, in one sentence, when `ex` cannot run here."""
+def check_executor(ex) -> bool:
+    """Fail at once, in one sentence, when `ex` cannot run here. True when this call started Ray (or connected to a
+    cluster), which `executor_ready` then stops."""
     if ex.kind == "ray":
         try:
             import ray  # noqa: F401
         except ImportError:
             raise ExecutorUnavailable("data.executor.kind is ray but Ray is not installed (pip install ray)") from None
-        _ray_init(ex)
-    elif ex.kind == "slurm" and not shutil.which("sbatch"):
+        return _ray_init(ex)
+    if ex.kind == "slurm" and not shutil.which("sbatch"):
         raise ExecutorUnavailable("data.executor.kind is slurm but there is no Slurm here (sbatch is not on PATH)")
+    return False
+
+
+@contextlib.contextmanager
+def executor_ready(ex):
+    """`check_executor`; on the way out, stop what it started (a local Ray's servers, or the driver's connection to a
+    cluster). A Ray that was already up is left as it was."""
+    started = check_executor(ex)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def make_executor(pipeline: list, ex, *, tasks: int, logging_dir: Path, name: str, depends=None):
@@ -524,6 +542,32 @@ def _clear(out: Path) -> None:
             p.unlink()
 
 
+def _run_stage(name: str, pipeline: list, tasks: int, ex, out: Path, on_invalid: str) -> float:
+    """One stage to its end; its seconds. Incomplete tasks raise `StageFailed`; invalid lines under
+    `on_invalid="fail"` raise `data.InvalidData` after removing what the run wrote."""
+    t0 = time.perf_counter()
+    executor_ = make_executor(pipeline, ex, tasks=tasks, logging_dir=out / "logs" / name, name=name)
+    try:
+        (out / "logs" / name).mkdir(parents=True, exist_ok=True)
+        with _console_to(str(out / "logs" / name / "console.log")):
+            executor_.run()
+        failed = executor_.get_incomplete_ranks(skip_completed=True)
+    except Exception as e:
+        failed, error = [-1], e
+    else:
+        error = None
+    if failed:
+        if name == "clean" and on_invalid == "fail" and _lines(out / "rejected"):
+            problems = [data.Problem(r["file"], r["line"], *reason.split(": ", 1))
+                        for f in sorted((out / "rejected").glob("*.jsonl"))
+                        for r in map(json.loads, open(f, encoding="utf-8")) for reason in r["reasons"]]
+            _clear(out)
+            raise data.InvalidData(problems)
+        raise StageFailed(f"stage {name} did not complete ({error or f'tasks {failed} failed'}); "
+                          f"its logs are in {out / 'logs' / name}") from error
+    return round(time.perf_counter() - t0, 2)
+
+
 def run(files_glob: str, out: str | Path, *, rules: curate.Rules, tokenizer_path: str, pii_min_score: float = 0.3,
         near_threshold: float = 0.6, seed: int = 0, executor=None, on_invalid: str = "skip",
         fresh: bool = False) -> dict:
@@ -543,39 +587,18 @@ def run(files_glob: str, out: str | Path, *, rules: curate.Rules, tokenizer_path
         _clear(out)  # resuming is only for the same input and settings
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(settings, encoding="utf-8")
-    check_executor(ex)
-    plan = stages(files_glob, out, rules=rules, tokenizer_path=tokenizer_path, pii_min_score=pii_min_score,
-                  near_threshold=near_threshold, seed=seed, tasks=ex.tasks, fail=on_invalid == "fail")
-    start, seconds = time.perf_counter(), {}
-    if ex.kind == "slurm":  # one sbatch job per stage, each depending on the one before; returns once submitted
-        executors = []
-        for name, pipeline, tasks in plan:
-            executors.append(make_executor(pipeline, ex, tasks=tasks, logging_dir=out / "logs" / name, name=name,
-                                           depends=executors[-1] if executors else None))
-        executors[-1].run()
-        return {"submitted": [e.job_name for e in executors], "logs": str(out / "logs")}
-    for name, pipeline, tasks in plan:
-        t0 = time.perf_counter()
-        executor_ = make_executor(pipeline, ex, tasks=tasks, logging_dir=out / "logs" / name, name=name)
-        try:
-            (out / "logs" / name).mkdir(parents=True, exist_ok=True)
-            with _console_to(str(out / "logs" / name / "console.log")):
-                executor_.run()
-            failed = executor_.get_incomplete_ranks(skip_completed=True)
-        except Exception as e:
-            failed, error = [-1], e
-        else:
-            error = None
-        if failed:
-            if name == "clean" and on_invalid == "fail" and _lines(out / "rejected"):
-                problems = [data.Problem(r["file"], r["line"], *reason.split(": ", 1))
-                            for f in sorted((out / "rejected").glob("*.jsonl"))
-                            for r in map(json.loads, open(f, encoding="utf-8")) for reason in r["reasons"]]
-                _clear(out)
-                raise data.InvalidData(problems)
-            raise StageFailed(f"stage {name} did not complete ({error or f'tasks {failed} failed'}); "
-                              f"its logs are in {out / 'logs' / name}") from error
-        seconds[name] = round(time.perf_counter() - t0, 2)
+    with executor_ready(ex):
+        plan = stages(files_glob, out, rules=rules, tokenizer_path=tokenizer_path, pii_min_score=pii_min_score,
+                      near_threshold=near_threshold, seed=seed, tasks=ex.tasks, fail=on_invalid == "fail")
+        if ex.kind == "slurm":  # one sbatch job per stage, each depending on the one before; returns once submitted
+            executors = []
+            for name, pipeline, tasks in plan:
+                executors.append(make_executor(pipeline, ex, tasks=tasks, logging_dir=out / "logs" / name,
+                                               name=name, depends=executors[-1] if executors else None))
+            executors[-1].run()
+            return {"submitted": [e.job_name for e in executors], "logs": str(out / "logs")}
+        start = time.perf_counter()
+        seconds = {name: _run_stage(name, pipeline, tasks, ex, out, on_invalid) for name, pipeline, tasks in plan}
     summary = counts(out) | {"seconds": seconds, "total_seconds": round(time.perf_counter() - start, 2),
                              "executor": ex.model_dump(), "near_bands": list(curate.lsh_bands(near_threshold))}
     files.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")

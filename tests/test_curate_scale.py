@@ -43,11 +43,16 @@ def in_memory(cfg, near: bool) -> list[dict]:
     return kept
 
 
-@pytest.mark.parametrize("tasks", [1, 2])
-def test_datatrove_keeps_the_same_rows_as_the_in_memory_path(cfg, tmp_path, tasks):
-    ex = cfg.data.executor.model_copy(update={"tasks": tasks, "workers": tasks})
+@pytest.mark.parametrize("kind, tasks", [("local", 1), ("local", 2), pytest.param("ray", 2, marks=pytest.mark.slow)])
+def test_datatrove_keeps_the_same_rows_as_the_in_memory_path(cfg, tmp_path, kind, tasks):
+    ex = cfg.data.executor.model_copy(update={"kind": kind, "tasks": tasks, "workers": tasks})
     summary = curate_scale.run_params(cfg.model_copy(update={"data": cfg.data.model_copy(update={"executor": ex})}),
                                       RAW, tmp_path)
+    if kind == "ray":  # the local Ray the run started is stopped: no Ray process of ours is left
+        import ray
+
+        assert not ray.is_initialized()
+        _wait_for(lambda: not _ray_children(), 30, lambda: f"Ray processes still run: {_ray_children()}")
     kept = {r["id"] for r in curate_scale.kept_rows(tmp_path)}
     near = {r["id"] for r in curate_scale.removed_rows(tmp_path) if r["reason"] == "near_duplicate"}
     exact = in_memory(cfg, near=False)
@@ -61,6 +66,20 @@ def test_datatrove_keeps_the_same_rows_as_the_in_memory_path(cfg, tmp_path, task
     assert len(kept ^ full) <= NEAR_TOLERANCE * len(exact), (sorted(kept - full), sorted(full - kept))
     assert summary["rows_in"] == 666 and summary["invalid rows"] == 0
     assert summary["rows_out"] == len(kept) and sum(summary["pii_spans"].values()) > 0
+
+
+def _ray_children() -> list[str]:
+    """Command lines of this process's live descendants that belong to Ray."""
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "ray" in " ".join(p.cmdline()):
+                found.append(" ".join(p.cmdline())[:120])
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def _write(path: Path, lines: list) -> Path:
