@@ -265,7 +265,8 @@ def test_sigterm_saves_sigkill_resumes_and_the_newest_checkpoint_survives(tmp_pa
     os.kill(second.pid, signal.SIGKILL)
     second.wait(timeout=60)
     done = training.complete_checkpoints(ckpts)
-    assert done and done[-1] >= newest_before_kill and len(done) == 1, "save_total_limit kept the newest"
+    # the newest survives; a kill between saving it and rotating the one before leaves that one too
+    assert done and done[-1] >= newest_before_kill and len(done) <= 2, done
 
     third = _start(params, run_dir)
     out, err = third.communicate(timeout=600)
@@ -273,6 +274,7 @@ def test_sigterm_saves_sigkill_resumes_and_the_newest_checkpoint_survives(tmp_pa
     final = json.loads(out.strip().splitlines()[-1])
     assert final["resumed_from"] == str(done[-1]) and final["global_step"] == 8 and final["stopped_by"] is None
     assert (run_dir / "02_sft" / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(training.complete_checkpoints(ckpts)) == 1, "save_total_limit: only the newest is kept"
     assert not (ckpts / "checkpoint-99").exists() and not (ckpts / ".staging").exists()
     steps = [r["step"] for r in training.read_metrics(metrics) if "loss" in r and "train_loss" not in r]
     assert steps == sorted(set(steps)) and steps[-1] == 8, "a resumed run continues the metrics, no repeats"
