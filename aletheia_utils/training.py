@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -445,6 +446,13 @@ class Prepared:
 STAGE_MODULES = {"02_sft": "aletheia_utils.sft", "03_dpo": "aletheia_utils.dpo"}  # run as `python -m` by workers
 
 
+def rank_reports(stdout: str) -> list[dict]:
+    """The JSON report each rank printed. The ranks share one stdout pipe, so a report may land mid-way through
+    another rank's log line: find them anywhere, not only at line starts."""
+    decoder = json.JSONDecoder()
+    return [decoder.raw_decode(stdout, m.start())[0] for m in re.finditer(r'\{"rank": ', stdout)]
+
+
 def run_accelerate(cfg: config_mod.Config, paths: pipeline.RunPaths, stage: str = "02_sft") -> list[dict]:
     """Run a stage's module (`run_main`) to the end under `accelerate launch` with `sft.accelerate_config` (DDP on CPU
     cores, or DeepSpeed/FSDP on GPUs); return each rank's report. A failure raises with the end of its stderr.
@@ -458,7 +466,7 @@ def run_accelerate(cfg: config_mod.Config, paths: pipeline.RunPaths, stage: str 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg.sft.accelerate_config,
            "-m", STAGE_MODULES[stage], "--params", str(paths.params), "--run-dir", str(paths.root)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')]
+    reports = rank_reports(proc.stdout)
     if proc.returncode != 0:
         raise RuntimeError(f"accelerate launch failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return reports

@@ -364,6 +364,12 @@ def test_final_evaluation_evaluates_only_when_the_schedule_did_not_at_the_last_s
     assert training.final_evaluation(earlier) == {"eval_loss": 1.0} and earlier.calls == 1
 
 
+def test_rank_reports_are_found_even_inside_another_ranks_log_line():
+    one = '{"rank": 1, "world_size": 2, "train_loss": 3.5}'
+    stdout = "{'eval_loss': '4.0'}\n{'loss': '3.7', " + one + "\n'epoch': '1'}\n" + one.replace("1,", "0,", 1) + "\n"
+    assert [r["rank"] for r in training.rank_reports(stdout)] == [1, 0]
+
+
 @pytest.mark.slow
 def test_accelerate_runs_sft_as_two_cpu_processes(tmp_path):
     params, run_dir = make_run(tmp_path, {"sft.launcher": "accelerate", "sft.max_steps": 2, "sft.eval_steps": 100,
