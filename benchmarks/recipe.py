@@ -41,7 +41,7 @@ def scored(model_dir, cfg, prompts, references, embed, decodings) -> dict:
             with common.Timer() as t:
                 runs = au.generation.server_answers(
                     server, prompts, concurrency=8, sampling=sampling, temperature=spec.get("temperature", 0.0),
-                    samples=spec.get("samples", 1), seed=cfg.run.seed,
+                    samples=spec.get("samples", 1), seed=cfg.run.seed, style=cfg.data.prompt_format,
                     max_new_tokens=cfg.eval.generation.max_new_tokens)
             per_sample = [au.evaluate.answer_metrics(run, references, embed) for run in runs]  # each kept in the JSON
             per = au.evaluate.sample_mean(per_sample)

@@ -40,6 +40,34 @@ def test_embedded_model_loads_and_answers_greedily(embedded):
     assert "Paris" in answer, answer
 
 
+def test_a_gguf_shipped_in_chunk_packages_is_joined_once_into_the_cache(monkeypatch, tmp_path):
+    import importlib.metadata
+    import sys
+    import types
+
+    calls = []
+
+    def assemble(out):
+        calls.append(out)
+        if len(calls) == 1:
+            out.write_bytes(b"GGUF half")
+            raise ValueError("Assembled file sha256 did not match expected value")
+        out.write_bytes(b"GGUF whole")
+        return out
+
+    module = types.SimpleNamespace(MODEL_NAME="chunky.gguf", assemble=assemble)
+    monkeypatch.setitem(sys.modules, "chunky_gguf", module)
+    monkeypatch.setitem(models.EMBEDDED, "chunky", ("chunky-gguf", "chunky"))
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: types.SimpleNamespace(files=[]))
+    monkeypatch.setenv("ALETHEIA_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="sha256"):
+        models.embedded_gguf("chunky")
+    assert not list(tmp_path.rglob("*chunky*")), "a failed join leaves nothing behind"
+    path = models.embedded_gguf("chunky")
+    assert path == tmp_path / "gguf" / "chunky.gguf" and path.read_bytes() == b"GGUF whole"
+    assert models.embedded_gguf("chunky") == path and len(calls) == 2, "joined once, then reused"
+
+
 def test_unknown_embedded_name():
     with pytest.raises(models.ModelNotFound, match="unknown embedded model 'nope'"):
         models.resolve("embedded:nope")
