@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ROOT / "params"
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "deepseek-coder-7b.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in PARAMS.glob("*.yaml") if p.name != "gateway.yaml"))
 def test_shipped_params_files_validate(name):
     cfg = config.load(PARAMS / name)
     assert Path(cfg.run.runs_dir) == (ROOT / "runs").resolve()
@@ -18,6 +18,14 @@ def test_shipped_params_files_validate(name):
 
 def test_default_uses_the_embedded_model():
     assert config.load(PARAMS / "default.yaml").run.base_model == "embedded:smollm2-135m-instruct"
+
+
+def test_the_gemma_file_is_the_default_recipe_on_a_pretrained_base():
+    default, gemma = (config.load(PARAMS / n).model_dump() for n in ("default.yaml", "gemma3-270m.yaml"))
+    assert gemma["run"]["base_model"] == "embedded:gemma3-270m" and gemma["data"]["prompt_format"] == "markers"
+    for tree in (default, gemma):
+        del tree["run"]["name"], tree["run"]["base_model"], tree["data"]["prompt_format"]
+    assert gemma == default
 
 
 def test_production_file_holds_the_seed_settings():
