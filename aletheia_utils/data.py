@@ -22,6 +22,11 @@ KINDS = {
 }
 _KIND_MARKERS = {"raw": {"question", "answer"}, "sft": {"response"}, "dpo": {"chosen", "rejected"}}
 MARKERS_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+# The same format as a chat template, for a model trained on markers that has none (a pretrained base): chat endpoints
+# (transformers serve, llama-server, vLLM) then prompt it as it was trained.
+MARKERS_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] + eos_token }}"
+                         "{% else %}{{ '### Instruction:\\n' + m['content'] + '\\n\\n### Response:\\n' }}{% endif %}"
+                         "{% endfor %}")
 
 
 # ---------------------------------------------------------------- validation

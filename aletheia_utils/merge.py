@@ -28,8 +28,12 @@ def save_merged(model, tokenizer, target: Path) -> Path:
 
 
 def save_model(merged, tokenizer, target: Path) -> Path:
-    """A merged model as a folder a server can load: safetensors + tokenizer (with its chat template) + a generation
-    config whose EOS ids include the chat template's end-of-turn token; written atomically."""
+    """A merged model as a folder a server can load: safetensors + tokenizer (with its chat template, or the markers
+    format as one if it has none) + a generation config whose EOS ids include the chat template's end-of-turn token;
+    written atomically."""
+    if tokenizer.chat_template is None:  # trained on markers: chat endpoints must prompt it the same way
+        adds_bos = tokenizer.bos_token_id is not None and tokenizer("x").input_ids[0] == tokenizer.bos_token_id
+        tokenizer.chat_template = ("{{ bos_token }}" if adds_bos else "") + data.MARKERS_CHAT_TEMPLATE
     eos = sorted({tokenizer.eos_token_id, *([merged.generation_config.eos_token_id]
                                             if isinstance(merged.generation_config.eos_token_id, int)
                                             else merged.generation_config.eos_token_id or [])} - {None})

@@ -147,3 +147,24 @@ def test_served_f16_serves_the_converted_file_and_removes_it(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="body failed"), au.gguf.served_f16("hf", workdir=tmp_path):
         raise RuntimeError("body failed")
     assert list(tmp_path.iterdir()) == [], "removed also when the body raises"
+
+
+def test_a_model_trained_on_markers_is_saved_with_them_as_its_chat_template(tmp_path, hf_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    tokenizer.chat_template = None  # as a pretrained base's tokenizer (Gemma 3 270M's GGUF carries none)
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    saved = AutoTokenizer.from_pretrained(au.merge.save_model(tiny, tokenizer, tmp_path / "merged"))
+    question = [{"role": "user", "content": ROWS[0]["prompt"]}]
+    assert saved.apply_chat_template(question, tokenize=False, add_generation_prompt=True) == \
+        au.data.format_prompt(ROWS[0]["prompt"], "markers")
+    answered = question + [{"role": "assistant", "content": ROWS[0]["response"]}]
+    assert saved.apply_chat_template(answered, tokenize=False) == \
+        au.data.format_example(ROWS[0]["prompt"], ROWS[0]["response"], "markers", saved)
+    as_trained = saved(au.data.format_example(ROWS[0]["prompt"], ROWS[0]["response"], "markers", saved)).input_ids
+    assert saved.apply_chat_template(answered, return_dict=True)["input_ids"] == as_trained, "the same token ids"
+    kept = AutoTokenizer.from_pretrained(au.merge.save_model(tiny, AutoTokenizer.from_pretrained(hf_dir),
+                                                             tmp_path / "chat"))
+    assert kept.chat_template == AutoTokenizer.from_pretrained(hf_dir).chat_template, "a chat template is kept"
