@@ -58,6 +58,17 @@ def project_trainer(cfg, run_root):
     return trainer
 
 
+def own_masks_trainer(cfg, run_root):
+    """The project's path with PEFT's own LoRA dropout (each adapter draws its mask): what sharing one mask per
+    input (`au.training.SharedDropout`) buys, side by side."""
+    trainer = project_trainer(cfg, run_root)
+    for module in trainer.model.modules():
+        for name, dropout in getattr(module, "lora_dropout", {}).items():
+            if isinstance(dropout, au.training.SharedDropout):
+                module.lora_dropout[name] = torch.nn.Dropout(dropout.p)
+    return trainer
+
+
 def model_flops(trainer, tokens: int) -> dict:
     """The model FLOPs of training `tokens` tokens (`flops.model_flops_per_token`): the trainer's LoRA weights, the
     mean causal context of its packed sequences and the logits of the scored (completion) tokens only."""
@@ -104,7 +115,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--val-rows", type=int, default=16, help="validation rows scored after training")
     parser.add_argument("--run-dir", default=None, help="finished run whose 01_curate data is used")
-    parser.add_argument("--variants", default="stock,project", help="also: stock-fp32 (stock with bf16=False)")
+    parser.add_argument("--variants", default="stock,project",
+                        help="also: stock-fp32 (stock with bf16=False), project-own-masks (a dropout mask per adapter)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--profile-steps", type=int, default=0, help="then profile this many project steps")
     args = parser.parse_args()
@@ -126,6 +138,7 @@ def main() -> None:
     with common.scratch_run(source, "01_curate") as run_root:
         builders = {"stock": lambda: stock_trainer(cfg, rows, bf16=None),
                     "stock-fp32": lambda: stock_trainer(cfg, rows, bf16=False),
+                    "project-own-masks": lambda: own_masks_trainer(cfg, run_root),
                     "project": lambda: project_trainer(cfg, run_root)}
         for name in args.variants.split(","):
             rows_out.append(measure(name, builders[name], val, peak))

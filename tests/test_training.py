@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from aletheia_utils import config, data, dpo, pipeline, sft, training
@@ -84,6 +85,7 @@ def test_overlong_rows_are_counted_and_dropped(tmp_path):
 def test_neftune_noise_alpha_reaches_the_trainer(tmp_path):
     trainer, _ = build(*make_run(tmp_path, {"sft.neftune_noise_alpha": 5.0}))
     assert trainer.args.neftune_noise_alpha == 5.0
+    assert {type(m) for m in trainer.model.modules() if "Dropout" in type(m).__name__} == {training.SharedDropout}
     (tmp_path / "off").mkdir()
     assert build(*make_run(tmp_path / "off"))[0].args.neftune_noise_alpha is None  # off unless set
 
@@ -402,3 +404,38 @@ def test_init_adapter_continues_an_existing_adapter(tmp_path):
     assert loaded and all(p.requires_grad for p in loaded.values())
     assert any(torch.count_nonzero(p) for p in loaded.values()), "starts from the trained B, not from zero"
     assert len(saved) == len([n for n, _ in trainer2.model.named_parameters() if "lora_" in n])
+
+
+def _tiny_lora_model(dropout: float):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets))
+
+
+def test_lora_dropout_masks_are_shared_by_the_adapters_reading_one_input():
+    model = _tiny_lora_model(0.5)
+    assert training.share_dropout_masks(model) == 2 * 7
+    outputs = {}
+    for name, module in model.named_modules():
+        if name.endswith("lora_dropout.default"):
+            proj = name.split(".")[-3]
+            module.register_forward_hook(lambda m, i, o, key=proj: outputs.setdefault(key, (i[0], o)) and None)
+    model.train()
+    ids = torch.randint(0, 64, (1, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    q_in, q = outputs["q_proj"]
+    assert outputs["k_proj"][1] is q and outputs["v_proj"][1] is q, "q, k and v share one mask"
+    assert outputs["up_proj"][1] is outputs["gate_proj"][1], "gate and up share one mask"
+    assert outputs["o_proj"][1] is not q and outputs["down_proj"][1] is not outputs["gate_proj"][1]
+    dropped = (q == 0).float().mean().item()
+    assert 0.35 < dropped < 0.65 and torch.allclose(q[q != 0], 2 * q_in[q != 0]), "dropout p=0.5, scaled by 1/(1-p)"
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+    model.eval()
+    with torch.no_grad():
+        shared = model(input_ids=ids).logits
+        assert torch.equal(shared, _tiny_lora_model(0.5).eval()(input_ids=ids).logits), "no dropout in evaluation"
