@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                            "data.executor.tasks=8")
     scale.add_argument("--fresh", action="store_true", help="start over instead of resuming completed tasks")
     scale.set_defaults(func=_curate_at_scale)
-    setup = sub.add_parser("setup-llama-cpp", help="unpack llama.cpp's converter and build llama-server (cached)")
+    setup = sub.add_parser("setup-llama-cpp", help="unpack llama.cpp's converter; build llama-server, llama-imatrix "
+                                                   "and llama-quantize (cached)")
     setup.set_defaults(func=_setup_llama_cpp)
     gw = sub.add_parser("gateway", help="serve the OpenAI-compatible gateway (auth, rate limit, filter, fail-over)")
     gw.add_argument("--config", required=True, help="gateway YAML file, e.g. params/gateway.yaml")

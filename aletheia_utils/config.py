@@ -207,16 +207,23 @@ class Serve(Section):
 class GGUF(Section):
     outtype: Literal["f16", "bf16"] = "f16"
     quants: list[Literal[QUANT_TYPES]] = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"]  # type: ignore[valid-type]
+    imatrix_quants: list[Literal[QUANT_TYPES]] = Field(  # type: ignore[valid-type]
+        ["Q4_K_M"], description="also quantized with an importance matrix from the SFT training split")
+    imatrix_context: int = Field(256, ge=8, description="tokens per llama-imatrix chunk; the text needs 2 chunks")
+    imatrix_chunks: int | None = Field(128, ge=2, description="at most this many chunks (None: the whole split)")
     serve_quant: str = "Q4_K_M"
     perplexity_max_texts: int = Field(64, ge=1)
     agreement_tokens: int = Field(32, ge=1)
     max_perplexity_increase: float = Field(0.05, ge=0)
 
+    def ladder(self) -> list[str]:
+        """Every level 06 writes, in order: the 16-bit file, `quants`, then `imatrix_quants` as `<level>-imatrix`."""
+        return [self.outtype.upper(), *self.quants, *(f"{q}-imatrix" for q in self.imatrix_quants)]
+
     @model_validator(mode="after")
     def _serve_quant_known(self):
-        allowed = {*self.quants, self.outtype.upper()}
-        if self.serve_quant not in allowed:
-            raise ValueError(f"serve_quant {self.serve_quant!r} is not one of {sorted(allowed)}")
+        if self.serve_quant not in self.ladder():
+            raise ValueError(f"serve_quant {self.serve_quant!r} is not one of {sorted(self.ladder())}")
         return self
 
 

@@ -1,16 +1,15 @@
 """GGUF export and the quantization ladder, each level measured (06_gguf).
 
-Conversion is llama.cpp's own `convert_hf_to_gguf.py` and quantization llama.cpp's own quantizer (through the
-llama-cpp-python bindings), both from the same llama.cpp version. Each level is measured against the merged HF
-model on the same token ids: perplexity of held-out responses and greedy-token agreement. `served_f16` serves an HF
+Conversion is llama.cpp's own `convert_hf_to_gguf.py`, quantization its `llama-quantize`, optionally weighted by an
+importance matrix that its `llama-imatrix` computes over the training text; all from the same llama.cpp version.
+Each level is measured against the merged HF model on the same token ids: perplexity of held-out responses and
+greedy-token agreement. `served_f16` serves an HF
 folder as an F16 GGUF, the way 03's policy, 08's compared models and the recipe sweep answer.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import io
 import json
 import os
 import shutil
@@ -24,8 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from . import data, files, llamacpp
+from .config import QUANT_TYPES
 from .pipeline import write_json
 from .serve import Server, ServerError, check_gguf, llama_server
+
+IMATRIX = "-imatrix"  # a level quantized with the importance matrix: `Q4_K_M-imatrix`
 
 
 class GGUFError(RuntimeError):
@@ -33,8 +35,8 @@ class GGUFError(RuntimeError):
 
 
 def gguf_path(stage_dir: Path, level: str) -> Path:
-    """Where 06_gguf writes one level: `model-F16.gguf`, `model-Q4_K_M.gguf` …"""
-    return Path(stage_dir) / f"model-{level.upper()}.gguf"
+    """Where 06_gguf writes one level: `model-F16.gguf`, `model-Q4_K_M.gguf`, `model-Q4_K_M-imatrix.gguf` …"""
+    return Path(stage_dir) / f"model-{level}.gguf"
 
 
 def _check_model_dir(model_dir: Path) -> None:
@@ -88,31 +90,65 @@ def served_f16(model_dir: str | os.PathLike, *, name: str = "model", workdir: st
             yield server
 
 
-def quantize(src: str | os.PathLike, out: str | os.PathLike, level: str, threads: int | None = None) -> Path:
-    """Quantize `src` to `level` (e.g. Q4_K_M) with llama.cpp's `llama_model_quantize`; written like `convert`."""
-    import llama_cpp
+def _run_tool(name: str, args: list[str], what: str, out: Path, tmp: Path) -> None:
+    """Run one of llama.cpp's tools writing `tmp`; a failure raises `_write_failed` with its error lines."""
+    proc = subprocess.run([str(llamacpp.tool(name)), *args], capture_output=True, text=True)
+    if proc.returncode != 0 or not tmp.is_file():
+        log = (proc.stdout + proc.stderr).splitlines()
+        errors = [line for line in log if "fail" in line or "error" in line.lower() or "need at least" in line]
+        raise _write_failed(f"{what} (exit {proc.returncode})", out, "\n".join((errors or log)[-4:]))
 
-    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{level.upper()}", None)
-    if ftype is None:
-        raise GGUFError(f"unknown quant type {level!r}")
+
+def calibration_text(rows: list[dict], style: str, tokenizer) -> str:
+    """SFT rows as the model was trained on them (prompt format, answer, end-of-turn), one after another: the text
+    `importance_matrix` runs the model over."""
+    return "".join(data.format_example(r["prompt"], r["response"], style, tokenizer) for r in rows)
+
+
+def importance_matrix(src: str | os.PathLike, text_file: str | os.PathLike, out: str | os.PathLike, *,
+                      context: int = 512, chunks: int | None = None, threads: int | None = None) -> Path:
+    """llama.cpp's `llama-imatrix`: run the model in `src` over `text_file` in chunks of `context` tokens (the first
+    `chunks` of them, all if None; special tokens parsed, as in training) and record, for every weight matrix, the
+    mean square of each of its input columns; `quantize(..., imatrix=out)` then weights each weight's rounding error
+    by it. The text needs at least 2 × `context` tokens. Written like `convert`."""
     src, out = read_metadata(src)["path"], Path(out)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = ftype, threads or os.cpu_count() or 1
     with files.atomic_write(out) as tmp:
-        log = io.StringIO()  # llama-cpp-python prints llama.cpp's log lines to sys.stderr
-        with contextlib.redirect_stderr(log):
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        sys.stderr.write(log.getvalue())
-        if rc != 0 or not tmp.is_file():
-            errors = [line for line in log.getvalue().splitlines() if "fail" in line or "error" in line.lower()]
-            raise _write_failed(f"llama_model_quantize {src} → {level} (return code {rc})", out,
-                                "\n".join(errors[-4:]))
+        _run_tool("llama-imatrix", ["-m", str(src), "-f", str(text_file), "-o", str(tmp), "--output-format", "gguf",
+                                    "-c", str(context), "--chunks", str(chunks or -1), "--parse-special", "--no-ppl",
+                                    "-t", str(threads or os.cpu_count() or 1)],
+                  f"llama-imatrix on {src} over {text_file}", out, tmp)
+    return out
+
+
+def imatrix_info(path: str | os.PathLike) -> dict:
+    """What an importance matrix was computed from, as `llama-imatrix` recorded it: the calibration files
+    (`datasets`), the `chunks` and the tokens per chunk (`chunk_size`)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    return {"datasets": fields["imatrix.datasets"].contents(), "chunks": fields["imatrix.chunk_count"].contents(),
+            "chunk_size": fields["imatrix.chunk_size"].contents()}
+
+
+def quantize(src: str | os.PathLike, out: str | os.PathLike, level: str, threads: int | None = None,
+             imatrix: str | os.PathLike | None = None) -> Path:
+    """Quantize `src` to `level` (e.g. Q4_K_M) with llama.cpp's `llama-quantize`, each weight's rounding error
+    weighted by the importance matrix `imatrix` when given (`importance_matrix`); written like `convert`."""
+    if level.upper() not in QUANT_TYPES:
+        raise GGUFError(f"unknown quant type {level!r} (known: {', '.join(QUANT_TYPES)})")
+    src, out = read_metadata(src)["path"], Path(out)
+    weighting = ["--imatrix", str(imatrix)] if imatrix else []
+    threads = str(threads or os.cpu_count() or 1)
+    with files.atomic_write(out) as tmp:
+        _run_tool("llama-quantize", [*weighting, str(src), str(tmp), level.upper(), threads],
+                  f"llama-quantize {src} → {level}{' with ' + str(imatrix) if imatrix else ''}", out, tmp)
         _check_complete(tmp, out)
     return out
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """Chat template, EOS id, tensor count, parameters and bits per weight; a truncated file is an error."""
+    """Chat template, EOS id, tensor count, parameters, bits per weight and the importance matrix it was quantized
+    with (`imatrix`, None for none); a truncated file is an error."""
     from gguf import GGUFReader
 
     try:
@@ -136,7 +172,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return {"path": path, "size_bytes": size, "n_tensors": len(reader.tensors), "n_params": n_params,
             "bpw": sum(int(t.n_bytes) for t in reader.tensors) * 8 / n_params,
             "chat_template": field("tokenizer.chat_template"), "eos_token_id": field("tokenizer.ggml.eos_token_id"),
-            "architecture": field("general.architecture")}
+            "architecture": field("general.architecture"), "imatrix": field("quantize.imatrix.file")}
 
 
 # ---------------------------------------------------------------- measuring a level against the HF model

@@ -1,8 +1,8 @@
 """llama.cpp's own tools, built from the source of the installed llama-cpp-python (06_gguf, 07_serve_cpu).
 
 `aletheia setup-llama-cpp` (run by `make setup`) downloads the source distribution of exactly the installed
-llama-cpp-python version from PyPI, unpacks its `vendor/llama.cpp` into the cache and builds `llama-server`
-there, so the converter, the quantizer (the bindings) and the server never drift apart.
+llama-cpp-python version from PyPI, unpacks its `vendor/llama.cpp` into the cache and builds `llama-server`,
+`llama-imatrix` and `llama-quantize` there, so the converter, the quantizer and the server never drift apart.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ PACKAGE = "llama-cpp-python"
 # llama.cpp's AMX kernels segfault on the first matmul on some AMX CPUs (Xeon, seen here; ggml-org/llama.cpp#20824):
 # on x86-64 the native build leaves them out. `make setup` builds llama-cpp-python with the same flags.
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+TOOLS = ("llama-server", "llama-imatrix", "llama-quantize")
 
 
 def compiler_flags() -> list[str]:
@@ -64,12 +65,17 @@ def converter_env() -> dict[str, str]:
     return env
 
 
-def server_binary() -> Path:
-    """llama.cpp's own `llama-server`, built from the same source."""
-    path = home() / "bin" / "llama-server"
+def tool(name: str) -> Path:
+    """One of llama.cpp's `TOOLS` (`llama-server`, `llama-imatrix`, `llama-quantize`), built from the same source."""
+    path = home() / "bin" / name
     if not os.access(path, os.X_OK):
         raise SetupMissing(f"{path} is missing: run `make setup` (or `aletheia setup-llama-cpp`)")
     return path
+
+
+def server_binary() -> Path:
+    """llama.cpp's own `llama-server`."""
+    return tool("llama-server")
 
 
 def fetch() -> Path:
@@ -91,28 +97,32 @@ def fetch() -> Path:
 
 
 def build(jobs: int | None = None) -> Path:
-    """Build `llama-server` for this CPU (cmake; `compiler_flags`); the binary is moved into place only when
-    complete."""
-    target = home() / "bin" / "llama-server"
-    if os.access(target, os.X_OK):
-        return target
+    """Build the `TOOLS` missing from `home()/bin` for this CPU (cmake; `compiler_flags`); each binary is moved into
+    place only when complete. Returns the bin folder."""
+    bin_dir = home() / "bin"
+    missing = [name for name in TOOLS if not os.access(bin_dir / name, os.X_OK)]
+    if not missing:
+        return bin_dir
     build_dir = home() / "build"
     cmake = shutil.which("cmake")
     if cmake is None:
-        raise SetupMissing("cmake is not installed; it is needed to build llama-server")
+        raise SetupMissing(f"cmake is not installed; it is needed to build {', '.join(missing)}")
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     subprocess.run([cmake, "-S", str(fetch()), "-B", str(build_dir), *generator, "-DCMAKE_BUILD_TYPE=Release",
                     "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", *compiler_flags()],
-                   check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([cmake, "--build", str(build_dir), "--target", "llama-server", "-j", str(jobs or os.cpu_count())],
+                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
+                    *compiler_flags()], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([cmake, "--build", str(build_dir), "--target", *missing, "-j", str(jobs or os.cpu_count())],
                    check=True)
-    with files.atomic_write(target) as tmp:
-        shutil.copy2(build_dir / "bin" / "llama-server", tmp)
+    for name in missing:
+        with files.atomic_write(bin_dir / name) as tmp:
+            shutil.copy2(build_dir / "bin" / name, tmp)
     shutil.rmtree(build_dir)
-    return target
+    return bin_dir
 
 
 def setup() -> dict[str, str]:
-    """Fetch the source and build the server if they are not cached yet."""
-    return {"version": version(), "converter": str(fetch() / "convert_hf_to_gguf.py"), "server": str(build())}
+    """Fetch the source and build the tools if they are not cached yet."""
+    bin_dir = build()
+    return {"version": version(), "converter": str(fetch() / "convert_hf_to_gguf.py"),
+            **{name: str(bin_dir / name) for name in TOOLS}}

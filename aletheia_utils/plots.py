@@ -147,14 +147,19 @@ def _label_points(ax, points: Sequence[tuple[float, float]], labels: Sequence[st
 
 
 def quant_ladder(rows: Sequence[Mapping], reference: float | None = None):
-    """File size against held-out perplexity for each GGUF level (06_gguf); `reference` = the HF model's."""
+    """File size against held-out perplexity for each GGUF level (06_gguf), the plain levels as one line and the
+    `-imatrix` ones as another; `reference` = the HF model's."""
     fig, ax = _fig(6, 3.5)
     sizes = [r["size_bytes"] / 2**20 for r in rows]
     ppl = [r["perplexity"] for r in rows]
-    ax.plot(sizes, ppl, "o-", color="tab:blue")
+    weighted = [r["level"].endswith("-imatrix") for r in rows]
+    for imatrix, color, label in ((False, "tab:blue", "plain"), (True, "tab:orange", "with the importance matrix")):
+        xy = [(x, y) for x, y, w in zip(sizes, ppl, weighted, strict=True) if w == imatrix]
+        if xy:
+            ax.plot(*zip(*xy, strict=True), "o-", color=color, label=label)
     if reference is not None:
         ax.axhline(reference, color="grey", ls="--", lw=1, label="merged HF model (fp32)")
-        ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
     ax.margins(x=0.15, y=0.35)  # room for the labels inside the axes, clear of the title
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("perplexity on held-out responses")

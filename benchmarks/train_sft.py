@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
+import time
 
 import common
 import flops
 import torch
+from transformers import TrainerCallback
 
 import aletheia_utils as au
 
@@ -69,6 +71,29 @@ def own_masks_trainer(cfg, run_root):
     return trainer
 
 
+def compiled_trainer(cfg, run_root):
+    """The project's path with every decoder layer compiled by `torch.compile` (inductor: generated C++ on a CPU;
+    `Module.compile` in place, so PEFT's and transformers' own modules stay). The first steps pay the compilation
+    (and a recompilation once a new sequence length makes the shapes dynamic): `step_s` shows where."""
+    trainer = project_trainer(cfg, run_root)
+    for layer in trainer.model.base_model.model.model.layers:
+        layer.compile()
+    return trainer
+
+
+class StepTimes(TrainerCallback):
+    """The wall time of every optimizer step."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self.start)
+
+
 def model_flops(trainer, tokens: int) -> dict:
     """The model FLOPs of training `tokens` tokens (`flops.model_flops_per_token`): the trainer's LoRA weights, the
     mean causal context of its packed sequences and the logits of the scored (completion) tokens only."""
@@ -86,6 +111,8 @@ def measure(name: str, build, val_dataset, peak: dict) -> dict:
         trainer = build()
     lora_a = next(p for n, p in trainer.model.named_parameters() if "lora_A" in n)
     init_checksum = float(lora_a.detach().double().sum())
+    steps = StepTimes()
+    trainer.add_callback(steps)
     load = list(common.os.getloadavg())
     with common.Timer() as trained:
         output = trainer.train()
@@ -102,7 +129,7 @@ def measure(name: str, build, val_dataset, peak: dict) -> dict:
            "tokens": tokens, "tokens_per_s": tokens / trained.s,
            "tokens_per_cpu_s": tokens / trained.cpu_s, "steps": trainer.state.global_step,
            "loss_per_step": losses, "train_loss": output.training_loss, "val_loss": val["eval_loss"],
-           "val_s": evaluated.s, "precision": precision,
+           "val_s": evaluated.s, "precision": precision, "step_s": steps.times,
            **common.against_peak(counted.pop("flops"), trained.s, peak, precision), **counted,
            "lora_A_init_checksum": init_checksum, "load_average_before": load}
     print(f"{name}: {row['tokens_per_s']:.1f} tokens/s, {row['model_flops_per_s'] / 1e9:.1f} model GFLOP/s, "
@@ -116,7 +143,8 @@ def main() -> None:
     parser.add_argument("--val-rows", type=int, default=16, help="validation rows scored after training")
     parser.add_argument("--run-dir", default=None, help="finished run whose 01_curate data is used")
     parser.add_argument("--variants", default="stock,project",
-                        help="also: stock-fp32 (stock with bf16=False), project-own-masks (a dropout mask per adapter)")
+                        help="also: stock-fp32 (stock with bf16=False), project-own-masks (a dropout mask per "
+                             "adapter), project-compiled (torch.compile over the decoder layers)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--profile-steps", type=int, default=0, help="then profile this many project steps")
     args = parser.parse_args()
@@ -139,7 +167,8 @@ def main() -> None:
         builders = {"stock": lambda: stock_trainer(cfg, rows, bf16=None),
                     "stock-fp32": lambda: stock_trainer(cfg, rows, bf16=False),
                     "project-own-masks": lambda: own_masks_trainer(cfg, run_root),
-                    "project": lambda: project_trainer(cfg, run_root)}
+                    "project": lambda: project_trainer(cfg, run_root),
+                    "project-compiled": lambda: compiled_trainer(cfg, run_root)}
         for name in args.variants.split(","):
             rows_out.append(measure(name, builders[name], val, peak))
         if args.profile_steps:

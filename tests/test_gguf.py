@@ -53,6 +53,25 @@ def test_quantize_makes_a_smaller_file_and_leaves_no_partial(f16):
 
 
 @pytest.mark.slow
+def test_an_importance_matrix_from_calibration_text_weights_the_quantizer(hf_dir, f16, tmp_path):
+    text = tmp_path / "calibration.txt"
+    text.write_text(au.gguf.calibration_text(ROWS * 8, "chat_template", AutoTokenizer.from_pretrained(hf_dir)))
+    assert text.read_text().count("<|im_start|>assistant") == 16
+    imatrix = au.gguf.importance_matrix(f16, text, tmp_path / "imatrix.gguf", context=64, chunks=3)
+    assert au.gguf.imatrix_info(imatrix) == {"datasets": [str(text)], "chunks": 3, "chunk_size": 64}
+    plain = au.gguf.quantize(f16, tmp_path / "model-Q4_K_M.gguf", "Q4_K_M")
+    weighted = au.gguf.quantize(f16, tmp_path / "model-Q4_K_M-imatrix.gguf", "Q4_K_M", imatrix=imatrix)
+    meta_plain, meta_weighted = au.gguf.read_metadata(plain), au.gguf.read_metadata(weighted)
+    assert meta_plain["imatrix"] is None and meta_weighted["imatrix"] == str(imatrix)
+    assert meta_plain["bpw"] == meta_weighted["bpw"], "the same level: the same bits, spent elsewhere"
+    assert plain.read_bytes()[-1_000_000:] != weighted.read_bytes()[-1_000_000:], "the weights differ"
+    # a text shorter than two chunks is refused by llama-imatrix: a clear error, nothing written
+    with pytest.raises(GGUFError, match=r"llama-imatrix on .* failed: .*too-short.gguf was not written"):
+        au.gguf.importance_matrix(f16, text, tmp_path / "too-short.gguf", context=4096)
+    assert not list(tmp_path.glob("*too-short*"))
+
+
+@pytest.mark.slow
 def test_bad_model_folder(tmp_path, hf_dir):
     with pytest.raises(GGUFError, match="config.json missing"):
         au.gguf.convert(tmp_path / "missing", tmp_path / "x.gguf")
@@ -77,7 +96,7 @@ def test_corrupt_weights_fail_conversion_without_output(tmp_path, hf_dir):
 
 @pytest.mark.slow
 def test_unknown_quant_and_truncated_input(tmp_path, f16):
-    with pytest.raises(GGUFError, match="unknown quant type 'Q3_X'"):
+    with pytest.raises(GGUFError, match="unknown quant type 'Q3_X' \\(known: Q8_0, "):
         au.gguf.quantize(f16, tmp_path / "q.gguf", "Q3_X")
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(f16.read_bytes()[:5_000_000])

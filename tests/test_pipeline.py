@@ -10,6 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from aletheia_utils.gguf import read_metadata
 from aletheia_utils.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +52,11 @@ def test_smoke_run_executes_every_stage(smoke_run):
     assert m["06_gguf"]["serve_quant"] in {level["level"] for level in m["06_gguf"]["levels"]}
     assert m["07_serve_cpu"]["errors"]["wrong key"]["status"] == 401 and m["07_serve_cpu"]["load_test"]
     ladder = json.loads((run_dir / "06_gguf" / "quants.json").read_text())
-    assert [r["level"] for r in ladder] == ["F16", "Q8_0", "Q4_K_M"] and all(r["perplexity"] > 1 for r in ladder)
+    assert [r["level"] for r in ladder] == ["F16", "Q8_0", "Q4_K_M", "Q4_K_M-imatrix"]
+    assert all(r["perplexity"] > 1 for r in ladder)
+    imatrix = m["06_gguf"]["imatrix"]  # from the training split, 4 chunks of 256 tokens (smoke.yaml)
+    assert imatrix["calibration"] == "01_curate/sft.jsonl" and imatrix["chunk_size"] == 256 and imatrix["chunks"] == 4
+    assert read_metadata(run_dir / "06_gguf" / "model-Q4_K_M-imatrix.gguf")["imatrix"].endswith("imatrix.gguf")
     summary = (run_dir / "report" / "summary.md").read_text()
     assert summary.split("\n## ")[1].startswith("Verdict: did tuning help?") and "win_rate" in summary
     assert "| aletheia_humaneval | skipped by eval.skip_tasks: as in the default run" in summary

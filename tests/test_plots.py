@@ -4,11 +4,13 @@ import matplotlib.pyplot as plt
 
 import aletheia_utils as au
 
-# 06's ladder of a default run (benchmarks/README.md): Q5_K_M and Q4_K_M, Q6_K and Q8_0 lie close together
+# 06's ladder of a default run (benchmarks/README.md): Q5_K_M and Q4_K_M, Q6_K and Q8_0 lie close together, and each
+# imatrix level sits at its plain level's size
 LADDER = [{"level": level, "size_bytes": int(mib * 2**20), "bpw": bpw, "perplexity": ppl}
           for level, mib, bpw, ppl in [("F16", 258.3, 16.0042, 26.75), ("Q8_0", 138.1, 8.51, 26.92),
                                        ("Q6_K", 132.0, 8.12, 27.09), ("Q5_K_M", 106.9, 6.56, 28.41),
-                                       ("Q4_K_M", 100.6, 6.17, 28.53)]]
+                                       ("Q4_K_M", 100.6, 6.17, 28.53), ("Q5_K_M-imatrix", 106.9, 6.56, 27.60),
+                                       ("Q4_K_M-imatrix", 100.6, 6.17, 27.71)]]
 
 
 def test_quant_ladder_labels_overlap_nothing_and_stay_inside_the_axes():
