@@ -1,10 +1,11 @@
 """01's at-scale path (datatrove, 2 local workers) on a 12k-row file with planted exact and near duplicates and
 malformed lines: the counts add up, the planted duplicates are found, nothing else is. Throughput and memory at
-200k and 1M rows are the benchmark's (`benchmarks/curate_scale.py`), not this test's."""
+200k and 1M rows are the benchmark's (`benchmarks/curate_scale.py`, which samples each process's RSS), not this
+test's: `ru_maxrss` cannot tell here, since a spawned process starts from the high-water mark of the pytest process
+that forked it (Linux keeps it across execve; measured: a child spawned by a 1.5 GiB parent reports 1.5 GiB)."""
 
 import json
 import multiprocessing
-import resource
 import time
 from pathlib import Path
 
@@ -15,16 +16,14 @@ N_ROWS = 12_000
 
 
 def _run(src: Path, out: Path, queue) -> None:
-    """Runs in a fresh process, so the peak memory reported is the run's own."""
+    """Runs in a fresh process (spawned: no model the suite loaded before is in it)."""
     from aletheia_utils import config, curate_scale
 
     cfg = config.load(ROOT / "params" / "default.yaml", ["data.on_invalid=skip", "data.executor.tasks=2",
                                                           "data.executor.workers=2"])
     start = time.perf_counter()
     summary = curate_scale.run_params(cfg, str(src), out)
-    seconds = time.perf_counter() - start
-    peak = max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
-    queue.put({"summary": summary, "seconds": seconds, "peak_mb": peak})
+    queue.put({"summary": summary, "seconds": time.perf_counter() - start})
 
 
 @pytest.mark.slow
@@ -53,5 +52,4 @@ def test_datatrove_curation_of_12k_rows_finds_the_planted_duplicates(tmp_path, c
     assert sum(summary["pii_spans"].values()) > 0
     with capsys.disabled():
         print(f"\ncurate_scale: {N_ROWS} rows ({src.stat().st_size / 2**20:.0f} MiB) in {report['seconds']:.0f} s = "
-              f"{N_ROWS / report['seconds']:.0f} rows/s, 2 local workers; peak RSS of one process "
-              f"{report['peak_mb']:.0f} MiB; {found}")
+              f"{N_ROWS / report['seconds']:.0f} rows/s, 2 local workers; {found}")
