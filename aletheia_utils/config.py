@@ -21,6 +21,7 @@ from . import files
 
 PROJECT = Path(__file__).resolve().parent.parent  # defaults for paths a params file leaves out
 QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
+IMATRIX = "-imatrix"  # the suffix of a level quantized with the importance matrix: `Q4_K_M-imatrix`
 
 
 class ConfigError(ValueError):
@@ -218,7 +219,7 @@ class GGUF(Section):
 
     def ladder(self) -> list[str]:
         """Every level 06 writes, in order: the 16-bit file, `quants`, then `imatrix_quants` as `<level>-imatrix`."""
-        return [self.outtype.upper(), *self.quants, *(f"{q}-imatrix" for q in self.imatrix_quants)]
+        return [self.outtype.upper(), *self.quants, *(q + IMATRIX for q in self.imatrix_quants)]
 
     @model_validator(mode="after")
     def _serve_quant_known(self):

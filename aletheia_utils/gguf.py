@@ -3,8 +3,8 @@
 Conversion is llama.cpp's own `convert_hf_to_gguf.py`, quantization its `llama-quantize`, optionally weighted by an
 importance matrix that its `llama-imatrix` computes over the training text; all from the same llama.cpp version.
 Each level is measured against the merged HF model on the same token ids: perplexity of held-out responses and
-greedy-token agreement. `served_f16` serves an HF
-folder as an F16 GGUF, the way 03's policy, 08's compared models and the recipe sweep answer.
+greedy-token agreement. `served_f16` serves an HF folder as an F16 GGUF, the way 03's policy, 08's compared models
+and the recipe sweep answer.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from . import data, files, llamacpp
 from .config import QUANT_TYPES
 from .pipeline import write_json
 from .serve import Server, ServerError, check_gguf, llama_server
-
-IMATRIX = "-imatrix"  # a level quantized with the importance matrix: `Q4_K_M-imatrix`
 
 
 class GGUFError(RuntimeError):

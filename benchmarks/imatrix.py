@@ -64,7 +64,7 @@ def main() -> None:
                 if i == 0:
                     measure(level, au.gguf.quantize(f16, tmp / f"{level}.gguf", level, args.threads))
                 out = tmp / f"{level}-imatrix-{i}.gguf"
-                measure(level + au.gguf.IMATRIX, au.gguf.quantize(f16, out, level, args.threads, imatrix=imatrix),
+                measure(level + au.config.IMATRIX, au.gguf.quantize(f16, out, level, args.threads, imatrix=imatrix),
                         **{k: v for k, v in info.items() if k != "datasets"})
     for r in rows:
         r["size_vs_16bit"] = r["size_bytes"] / rows[0]["size_bytes"]
