@@ -144,21 +144,32 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, level: str, threads
     return out
 
 
+_METADATA: dict[tuple, dict] = {}  # read_metadata's results by file identity: GGUFReader takes seconds per file
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
     """Chat template, EOS id, tensor count, parameters, bits per weight and the importance matrix it was quantized
-    with (`imatrix`, None for none); a truncated file is an error."""
-    from gguf import GGUFReader
-
+    with (`imatrix`, None for none); a truncated file is an error. Read once per file (device, inode, size and
+    modification time: a file renamed into place is still known, one rewritten is read again)."""
     try:
         path = check_gguf(path)
     except ServerError as e:
         raise GGUFError(str(e)) from None
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _METADATA:
+        _METADATA[key] = _parse_metadata(path, st.st_size)
+    return {"path": path, **_METADATA[key]}
+
+
+def _parse_metadata(path: Path, size: int) -> dict:
+    from gguf import GGUFReader
+
     try:
         reader = GGUFReader(path)
     except (ValueError, IndexError, OSError) as e:
         raise GGUFError(f"{path}: unreadable GGUF ({e}); the file may be truncated") from None
     end = max(t.data_offset + t.n_bytes for t in reader.tensors)
-    size = path.stat().st_size
     if end > size:
         raise GGUFError(f"{path}: truncated ({size} bytes, tensors need {end})")
 
@@ -167,7 +178,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
         return f.contents() if f is not None else None
 
     n_params = sum(int(t.n_elements) for t in reader.tensors)
-    return {"path": path, "size_bytes": size, "n_tensors": len(reader.tensors), "n_params": n_params,
+    return {"size_bytes": size, "n_tensors": len(reader.tensors), "n_params": n_params,
             "bpw": sum(int(t.n_bytes) for t in reader.tensors) * 8 / n_params,
             "chat_template": field("tokenizer.chat_template"), "eos_token_id": field("tokenizer.ggml.eos_token_id"),
             "architecture": field("general.architecture"), "imatrix": field("quantize.imatrix.file")}
@@ -216,16 +227,14 @@ def _greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> 
     return [seq[:next((i + 1 for i, t in enumerate(seq) if t in eos), len(seq))] for seq in out]
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits - logits.max(-1, keepdims=True)
-    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-
-
 def _score(logits: np.ndarray, n_prompt: int, continuation: list[int]) -> tuple[float, np.ndarray]:
-    """Summed NLL of `continuation` and the argmax prediction at each of its positions."""
-    rows = logits[n_prompt - 1:n_prompt - 1 + len(continuation)]
-    lp = _log_softmax(rows.astype(np.float64))
-    return -float(lp[np.arange(len(continuation)), continuation].sum()), rows.argmax(-1)
+    """Summed NLL of `continuation` (log-sum-exp of each row minus its target's logit, in float64) and the argmax
+    prediction at each of its positions."""
+    import torch
+
+    rows = torch.from_numpy(logits[n_prompt - 1:n_prompt - 1 + len(continuation)]).double()
+    picked = rows[torch.arange(len(continuation)), torch.tensor(continuation)]
+    return float((rows.logsumexp(-1) - picked).sum()), rows.argmax(-1).numpy()
 
 
 def measure_hf(model, batch: list[Probe]) -> dict:

@@ -208,10 +208,23 @@ class StopOnSignal(TrainerCallback):
 
 # ---------------------------------------------------------------- speed
 
+def dropout_16bit(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout whose mask takes 16 random bits an element instead of torch's one Mersenne Twister draw each
+    (half the draws, 2× faster on a CPU). One int32 draw (`random_()`, 31 bits) gives two elements: the low half's 16
+    bits and the high half's 15, each compared with its own threshold, so an element is dropped with p to within
+    2e-5 (0.05: 0.050003 and 0.049988); the kept ones are scaled by 1/(1-p)."""
+    n = x.numel()
+    halves = torch.empty((n + 1) // 2, dtype=torch.int32).random_().view(torch.int16).view(-1, 2)
+    thresholds = torch.tensor([round(p * 65536) - 32768, round(p * 32768)], dtype=torch.int16)
+    keep = (halves >= thresholds).view(-1)[:n].view(x.shape)
+    return x.mul(keep).mul_(1 / (1 - p))
+
+
 class SharedDropout(torch.nn.Dropout):
     """LoRA's input dropout with one mask per input tensor: adapters that read the same input (q, k and v; gate and
-    up) share the mask drawn for the first of them instead of drawing their own. Each adapter still sees dropout
-    `p`; drawing masks (torch's CPU Mersenne Twister, element by element) was 17% of SFT's CPU time."""
+    up) share the mask drawn for the first of them instead of drawing their own, and on a CPU the mask is drawn from
+    16 random bits an element (`dropout_16bit`). Each adapter still sees dropout `p`; drawing masks (torch's CPU
+    Mersenne Twister, element by element) was 17% of SFT's CPU time."""
 
     _last: tuple = (None, None)  # (input, output) of the latest call, for the next adapter reading the same input
 
@@ -221,9 +234,13 @@ class SharedDropout(torch.nn.Dropout):
         last_in, last_out = SharedDropout._last
         if x is last_in and last_out.shape == x.shape:
             return last_out
-        out = super().forward(x)
+        out = self.draw(x)
         SharedDropout._last = (x, out)
         return out
+
+    def draw(self, x):
+        """A freshly dropped copy of `x`."""
+        return dropout_16bit(x, self.p) if x.device.type == "cpu" and self.p < 1 else super().forward(x)
 
 
 def share_dropout_masks(model) -> int:

@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--val-pairs", type=int, default=8, help="held-out pairs evaluated before and after")
     parser.add_argument("--run-dir", default=None, help="finished run whose 01_curate pairs and SFT adapter are used")
     parser.add_argument("--variants", default="stock,project_trl_head,project")
+    parser.add_argument("--name", default="train_dpo", help="results/<name>.json and .png")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--profile", action="store_true", help="then profile the project's training once more")
     args = parser.parse_args()
@@ -154,7 +155,7 @@ def main() -> None:
                   "stage_speedup": round(r["stage_speedup_vs_" + base["variant"]], 2),
                   "cpu_time_speedup": round(r["cpu_speedup_vs_" + base["variant"]], 2)} for r in results}
     print(summary)
-    common.write("train_dpo", {"machine": machine, "matmul_peak": peak, "source_run": common.relative(source),
+    common.write(args.name, {"machine": machine, "matmul_peak": peak, "source_run": common.relative(source),
                                "summary": summary,
                                "variants": results, "profile_project": profiled},
                  {r["variant"]: r["pairs_per_s"] for r in results}, "DPO pairs/s (higher is better)")

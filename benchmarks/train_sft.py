@@ -60,15 +60,21 @@ def project_trainer(cfg, run_root):
     return trainer
 
 
-def own_masks_trainer(cfg, run_root):
-    """The project's path with PEFT's own LoRA dropout (each adapter draws its mask): what sharing one mask per
-    input (`au.training.SharedDropout`) buys, side by side."""
+def swapped_dropout_trainer(cfg, run_root, make):
+    """The project's path with every LoRA input dropout replaced by `make(p)`."""
     trainer = project_trainer(cfg, run_root)
     for module in trainer.model.modules():
         for name, dropout in getattr(module, "lora_dropout", {}).items():
             if isinstance(dropout, au.training.SharedDropout):
-                module.lora_dropout[name] = torch.nn.Dropout(dropout.p)
+                module.lora_dropout[name] = make(dropout.p)
     return trainer
+
+
+class TorchMaskDropout(au.training.SharedDropout):
+    """One mask per input as in the project, drawn by torch's own dropout (a Mersenne Twister draw an element)."""
+
+    def draw(self, x):
+        return torch.nn.Dropout.forward(self, x)
 
 
 def compiled_trainer(cfg, run_root):
@@ -144,7 +150,9 @@ def main() -> None:
     parser.add_argument("--run-dir", default=None, help="finished run whose 01_curate data is used")
     parser.add_argument("--variants", default="stock,project",
                         help="also: stock-fp32 (stock with bf16=False), project-own-masks (a dropout mask per "
-                             "adapter), project-compiled (torch.compile over the decoder layers)")
+                             "adapter, torch's draw), project-torch-masks (a mask per input, torch's draw), "
+                             "project-compiled (torch.compile over the decoder layers)")
+    parser.add_argument("--name", default="train_sft", help="results/<name>.json and .png")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--profile-steps", type=int, default=0, help="then profile this many project steps")
     args = parser.parse_args()
@@ -166,7 +174,8 @@ def main() -> None:
     with common.scratch_run(source, "01_curate") as run_root:
         builders = {"stock": lambda: stock_trainer(cfg, rows, bf16=None),
                     "stock-fp32": lambda: stock_trainer(cfg, rows, bf16=False),
-                    "project-own-masks": lambda: own_masks_trainer(cfg, run_root),
+                    "project-own-masks": lambda: swapped_dropout_trainer(cfg, run_root, torch.nn.Dropout),
+                    "project-torch-masks": lambda: swapped_dropout_trainer(cfg, run_root, TorchMaskDropout),
                     "project": lambda: project_trainer(cfg, run_root),
                     "project-compiled": lambda: compiled_trainer(cfg, run_root)}
         for name in args.variants.split(","):
@@ -191,7 +200,7 @@ def main() -> None:
                               "train_loss": round(r["train_loss"], 4), "val_loss": round(r["val_loss"], 4)}
                for r in rows_out}
     print(summary)
-    common.write("train_sft", {"machine": machine, "matmul_peak": peak, "source_run": common.relative(source),
+    common.write(args.name, {"machine": machine, "matmul_peak": peak, "source_run": common.relative(source),
                                "steps": args.steps,
                                "tokens_per_step": rows_out[0]["tokens"] / args.steps, "summary": summary,
                                "variants": rows_out, "profile_project": profiled},

@@ -107,6 +107,24 @@ def test_unknown_quant_and_truncated_input(tmp_path, f16):
     assert not list(tmp_path.glob("*q.gguf*"))
 
 
+@pytest.mark.slow
+def test_metadata_is_parsed_once_per_file_and_a_file_cut_in_place_is_read_again(tmp_path, f16, monkeypatch):
+    parsed = []
+    parse = au.gguf._parse_metadata
+    monkeypatch.setattr(au.gguf, "_parse_metadata", lambda path, size: parsed.append(path) or parse(path, size))
+    copy = tmp_path / "copy.gguf"
+    shutil.copyfile(f16, copy)
+    first = au.gguf.read_metadata(copy)
+    moved = copy.rename(tmp_path / "moved.gguf")  # as atomic_write puts a file in place
+    again = au.gguf.read_metadata(moved)
+    assert len(parsed) == 1 and again["path"] == moved and {**again, "path": copy} == first
+    with moved.open("r+b") as fh:  # the same inode, cut short
+        fh.truncate(5_000_000)
+    with pytest.raises(GGUFError, match="truncated"):
+        au.gguf.read_metadata(moved)
+    assert len(parsed) == 2
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 24 MiB tmpfs: a disk that really fills up (ENOSPC). Needs root and mount; skipped otherwise."""

@@ -439,3 +439,19 @@ def test_lora_dropout_masks_are_shared_by_the_adapters_reading_one_input():
     with torch.no_grad():
         shared = model(input_ids=ids).logits
         assert torch.equal(shared, _tiny_lora_model(0.5).eval()(input_ids=ids).logits), "no dropout in evaluation"
+
+
+def test_the_16bit_dropout_mask_drops_p_of_the_elements_and_scales_the_rest():
+    x = torch.ones(1_000_001)  # odd: the last int32 draw is half used
+    torch.manual_seed(3)
+    out = training.dropout_16bit(x, 0.05)
+    torch.manual_seed(3)
+    assert torch.equal(out, training.dropout_16bit(x, 0.05)), "the mask follows torch's seed"
+    assert out.shape == x.shape and torch.equal(out.unique(), torch.tensor([0.0, 1 / 0.95]))
+    for half in (out[0::2], out[1::2]):  # the low 16 bits and the high 15 of each draw
+        assert abs((half == 0).float().mean().item() - 0.05) < 0.0015  # 5 standard deviations
+    y = torch.randn(64, 77, dtype=torch.bfloat16)
+    dropped = training.dropout_16bit(y, 0.5)
+    assert dropped.dtype == torch.bfloat16 and 0.4 < (dropped == 0).float().mean().item() < 0.6
+    kept = dropped != 0
+    assert torch.equal(dropped[kept], (y[kept].float() * 2).bfloat16())
